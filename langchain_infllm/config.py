@@ -1,0 +1,187 @@
+"""InfLLM configuration: validated knobs, and a reader for the reference's YAML layout.
+
+The field names follow the InfLLM reference implementation (arXiv 2402.04617) so its
+published configs load unchanged; a few knobs the reference hard-codes or lacks
+(trace level, host-memory budget, representative placement) are added here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+logger = logging.getLogger(__name__)
+
+TraceLevel = Literal["off", "summary", "full"]
+CacheStrategy = Literal["lru", "lru-s"]
+
+# Keys of the reference's `model:` section that describe things this package takes from
+# the model itself (rotary base and scaling) or features it does not implement. They are
+# accepted so reference configs load, and ignored with a log line.
+_REFERENCE_KEYS_IGNORED = {"fattn", "base", "distance_scale", "type", "path"}
+# Reference keys that we accept only with the value the reference uses by default.
+_REFERENCE_KEYS_FIXED: dict[str, Any] = {"faiss": False, "perhead": False}
+# Top-level keys of the reference YAML that belong to its evaluation scripts.
+_REFERENCE_TOP_LEVEL = {"max_len", "chunk_size", "conv_type", "truncation", "model"}
+
+
+class ConfigError(ValueError):
+    """A configuration value breaks a rule; the message names the field and the rule."""
+
+
+class InfLLMConfig(BaseModel):
+    """Context-memory settings for one engine (all layers share them).
+
+    Sizes are in tokens. `max_cached_block` bounds the blocks each layer keeps on the
+    device; `topk` blocks are attended per execution chunk, so it must not exceed it.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    block_size: int = Field(128, gt=0, description="Tokens per memory block.")
+    n_init: int = Field(128, ge=0, description="Attention-sink tokens kept for good.")
+    n_local: int = Field(4096, gt=0, description="Local window (true relative positions).")
+    topk: int = Field(16, ge=0, description="Memory blocks attended per chunk and layer.")
+    repr_topk: int = Field(4, gt=0, description="Tokens averaged into a representative key.")
+    max_cached_block: int = Field(32, gt=0, description="Device-resident blocks per layer.")
+    exc_block_size: int = Field(512, gt=0, description="Queries per execution chunk.")
+    chunk_size: int = Field(8192, gt=0, description="Tokens per model call while prefilling.")
+    cache_strategy: CacheStrategy = "lru"
+    score_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decay for lru-s scores.")
+    async_global_stream: bool = Field(True, description="Copy blocks on a side CUDA stream.")
+    pin_memory: bool = Field(True, description="Pin host block memory when on CUDA.")
+    repr_on_host: bool = Field(False, description="Keep representative keys in host memory.")
+    dense_decoding: bool = Field(
+        False, description="Accepted for reference compatibility; must stay false."
+    )
+    trace: TraceLevel = Field("summary", description="Retrieval records kept per call.")
+    max_context: int | None = Field(None, gt=0, description="Refuse prompts longer than this.")
+    session_host_budget_bytes: int | None = Field(
+        None, gt=0, description="Host bytes the session store may hold before spilling."
+    )
+
+    @model_validator(mode="after")
+    def _check_relations(self) -> InfLLMConfig:
+        if self.topk > self.max_cached_block:
+            raise ValueError(
+                f"topk ({self.topk}) must be <= max_cached_block ({self.max_cached_block}): "
+                "every retrieved block must fit on the device at once"
+            )
+        if self.n_local < self.block_size:
+            raise ValueError(
+                f"n_local ({self.n_local}) must be >= block_size ({self.block_size}): "
+                "a block is sealed only from tokens that left the local window"
+            )
+        if self.repr_topk > self.block_size:
+            raise ValueError(
+                f"repr_topk ({self.repr_topk}) must be <= block_size ({self.block_size})"
+            )
+        if self.dense_decoding:
+            raise ValueError("dense_decoding=true is not supported: decoding uses the memory")
+        return self
+
+    @classmethod
+    def create(cls, **values: Any) -> InfLLMConfig:
+        """Build a config, turning pydantic's errors into one readable `ConfigError`."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            raise ConfigError(_describe(exc)) from None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> InfLLMConfig:
+        """Read a YAML file in the InfLLM reference layout (`model:` with `type: inf-llm`).
+
+        A flat mapping of this class's fields is accepted too.
+        """
+        path = Path(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        return cls.from_mapping(raw, source=str(path))
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any], source: str = "<mapping>") -> InfLLMConfig:
+        """Build from the reference layout or a flat mapping of fields."""
+        if "model" not in raw:
+            return _with_source(source, lambda: cls.create(**raw))
+        unknown_top = set(raw) - _REFERENCE_TOP_LEVEL - {"infllm"}
+        if unknown_top:
+            raise ConfigError(f"{source}: unknown top-level keys {sorted(unknown_top)}")
+        model = raw["model"]
+        if not isinstance(model, dict):
+            raise ConfigError(f"{source}: `model` must be a mapping")
+        kind = model.get("type", "inf-llm")
+        if kind != "inf-llm":
+            raise ConfigError(f"{source}: model.type is {kind!r}; only 'inf-llm' is supported")
+        values: dict[str, Any] = {}
+        for key, value in model.items():
+            if key in _REFERENCE_KEYS_IGNORED:
+                if key not in ("type", "path"):
+                    logger.info("%s: model.%s is taken from the model itself; ignored", source, key)
+                continue
+            if key in _REFERENCE_KEYS_FIXED:
+                if value != _REFERENCE_KEYS_FIXED[key]:
+                    raise ConfigError(
+                        f"{source}: model.{key}={value!r} is not supported "
+                        f"(only {_REFERENCE_KEYS_FIXED[key]!r})"
+                    )
+                continue
+            values[key] = value
+        if "chunk_size" in raw:
+            values["chunk_size"] = raw["chunk_size"]
+        max_len = raw.get("max_len")
+        if max_len is not None and int(max_len) < 2**31 - 1:
+            values.setdefault("max_context", max_len)
+        # Our own additions may live under a top-level `infllm:` section.
+        extra = raw.get("infllm") or {}
+        if not isinstance(extra, dict):
+            raise ConfigError(f"{source}: `infllm` must be a mapping")
+        values.update(extra)
+        return _with_source(source, lambda: cls.create(**values))
+
+    def fingerprint(self) -> str:
+        """Hash of the fields that change what the memory holds (not trace or budgets)."""
+        relevant = self.model_dump(
+            include={"block_size", "n_init", "n_local", "repr_topk", "exc_block_size"}
+        )
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def model_path_from_yaml(path: str | Path) -> str | None:
+    """The reference layout names the model in `model.path`; return it if present."""
+    raw = yaml.safe_load(Path(path).read_text())
+    if isinstance(raw, dict) and isinstance(raw.get("model"), dict):
+        value = raw["model"].get("path")
+        return str(value) if value else None
+    return None
+
+
+def _with_source(source: str, build: Any) -> InfLLMConfig:
+    try:
+        config: InfLLMConfig = build()
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return config
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key (not an InfLLM setting)"
+        parts.append(f"{field}: {msg}")
+    return "invalid InfLLM config: " + "; ".join(parts)
