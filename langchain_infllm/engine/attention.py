@@ -1,0 +1,211 @@
+"""InfLLM attention, registered with transformers' attention interface.
+
+For each execution chunk of queries at positions `[s, e)` and each layer:
+
+* local part: tail keys at positions `[max(tail_start, s - n_local + 1), e)`, rotated at
+  their true relative distance; query i sees key j iff `0 <= i - j < n_local`;
+* memory part: sinks + the `topk` blocks whose representative keys best match the
+  chunk's mean query + the remainder (tail tokens already `>= n_local` behind); every
+  memory key sits at distance `n_local` (keys un-rotated, query rotated by `n_local`),
+  and query i sees memory key j iff `i - j >= n_local`;
+* one softmax over both parts, so no key is seen twice and nothing is renormalised.
+
+The engine passes an `InfLLMForwardContext` through the model's forward kwargs; no
+transformers class is patched.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from langchain_infllm.engine.block_cache import DeviceBlockCache
+from langchain_infllm.engine.memory import LayerMemory
+from langchain_infllm.engine.records import RetrievalRecord
+from langchain_infllm.engine.rope import RotaryTable
+
+ATTENTION_NAME = "infllm"
+
+
+@dataclass
+class InfLLMForwardContext:
+    """Everything one model call needs: the session's layers and where the chunk sits."""
+
+    layers: list[LayerMemory]
+    caches: list[DeviceBlockCache]
+    rope: RotaryTable
+    start: int  # position of the first token of this model call
+    n_local: int
+    topk: int
+    exc_block_size: int
+    next_uid: Callable[[], int]
+    record: Callable[[RetrievalRecord], None] | None = None
+    calls: list[int] = field(default_factory=list)
+
+
+def infllm_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers attention hook: `query [1, heads, n, d]` -> `[1, n, heads, d]`."""
+    ctx = kwargs.get("infllm_context")
+    if not isinstance(ctx, InfLLMForwardContext):
+        raise RuntimeError(
+            "the 'infllm' attention runs only inside InfLLMEngine (no infllm_context given)"
+        )
+    if query.shape[0] != 1:
+        raise ValueError("InfLLM sessions process one sequence at a time (batch size 1)")
+    layer_idx: int = module.layer_idx  # type: ignore[assignment]
+    memory = ctx.layers[layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    q, k, v = query[0], key[0], value[0]
+    n = q.shape[1]
+    outputs = []
+    for a in range(0, n, ctx.exc_block_size):
+        b = min(n, a + ctx.exc_block_size)
+        outputs.append(
+            attend_chunk(
+                memory,
+                ctx.caches[layer_idx],
+                ctx,
+                layer_idx,
+                q[:, a:b],
+                k[:, a:b],
+                v[:, a:b],
+                ctx.start + a,
+                scale,
+            )
+        )
+    out = torch.cat(outputs, dim=1) if len(outputs) > 1 else outputs[0]
+    return out.transpose(0, 1).unsqueeze(0), None
+
+
+def attend_chunk(
+    memory: LayerMemory,
+    cache: DeviceBlockCache,
+    ctx: InfLLMForwardContext,
+    layer_idx: int,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    start: int,
+    scaling: float,
+) -> torch.Tensor:
+    """Attend one execution chunk (`q [heads, c, d]`, new `k, v [kv_heads, c, d]`)."""
+    n_local = ctx.n_local
+    heads, c, d = q.shape
+    kv_heads = k.shape[0]
+    groups = heads // kv_heads
+    end = start + c
+    if memory.length != start:
+        raise RuntimeError(f"layer {layer_idx} holds {memory.length} tokens, chunk starts {start}")
+    memory.append_tail(k, v)
+    tail_start = memory.tail_start
+    device = q.device
+
+    # Memory side: start the block copies first so they overlap the local attention.
+    q_mem = ctx.rope.rotate(q, n_local)
+    pending = None
+    chosen: list[int] = []
+    if ctx.topk > 0 and memory.n_blocks > 0:
+        chosen, chosen_scores = _select_blocks(memory, q_mem, ctx.topk)
+        before = cache.counters.snapshot()
+        pending = cache.fetch(
+            [memory.block_uids[i] for i in chosen],
+            [memory.block_k[i] for i in chosen],
+            [memory.block_v[i] for i in chosen],
+            chosen_scores,
+        )
+        after = cache.counters.snapshot()
+        if ctx.record is not None:
+            ctx.record(
+                RetrievalRecord(
+                    layer=layer_idx,
+                    query_start=start,
+                    query_end=end,
+                    block_ids=tuple(chosen),
+                    scores=tuple(chosen_scores),
+                    block_spans=tuple(memory.block_span(i) for i in chosen),
+                    hits=after[0] - before[0],
+                    misses=after[1] - before[1],
+                    bytes_copied=after[2] - before[2],
+                )
+            )
+
+    # Local side: true relative positions measured from the first local key.
+    local_lo = max(tail_start, start - n_local + 1)
+    tail_k, tail_v = memory.tail_k, memory.tail_v
+    loc_k = tail_k[:, local_lo - tail_start : end - tail_start]
+    loc_v = tail_v[:, local_lo - tail_start : end - tail_start]
+    key_pos = torch.arange(local_lo, end, device=device)
+    query_pos = torch.arange(start, end, device=device)
+    q_loc = ctx.rope.rotate(q, query_pos - local_lo)
+    k_loc = ctx.rope.rotate(loc_k, key_pos - local_lo)
+    logits_loc = _scores(q_loc, k_loc, kv_heads, scaling)
+    dist = query_pos[:, None] - key_pos[None, :]
+    local_ok = (dist >= 0) & (dist < n_local)
+
+    n_rem = max(0, end - n_local - tail_start)
+    mem_k_parts = [memory.init_k]
+    mem_v_parts = [memory.init_v]
+    if pending is not None:
+        blk_k, blk_v = pending.gather()
+        mem_k_parts.append(blk_k)
+        mem_v_parts.append(blk_v)
+    mem_k_parts.append(tail_k[:, :n_rem])
+    mem_v_parts.append(tail_v[:, :n_rem])
+    mem_k = torch.cat(mem_k_parts, dim=1)
+    mem_v = torch.cat(mem_v_parts, dim=1)
+    logits_mem = _scores(q_mem, mem_k, kv_heads, scaling)
+    # Sinks and sealed blocks are always >= n_local behind; the remainder is a staircase.
+    mem_ok = torch.ones(c, mem_k.shape[1], dtype=torch.bool, device=device)
+    if n_rem:
+        rem_pos = torch.arange(tail_start, tail_start + n_rem, device=device)
+        mem_ok[:, mem_k.shape[1] - n_rem :] = (query_pos[:, None] - rem_pos[None, :]) >= n_local
+
+    n_loc = loc_k.shape[1]
+    logits = torch.cat([logits_loc, logits_mem], dim=-1)  # [kv_heads, groups*c, n_loc+n_mem]
+    allowed = torch.cat([local_ok, mem_ok], dim=-1).repeat(groups, 1)
+    logits.masked_fill_(~allowed, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    p_loc = probs[..., :n_loc].to(v.dtype)
+    p_mem = probs[..., n_loc:].to(v.dtype)
+    out = torch.bmm(p_loc, loc_v) + torch.bmm(p_mem, mem_v)  # [kv_heads, groups*c, d]
+
+    # Attention mass each local key received: the basis of representative keys.
+    mass = probs[..., :n_loc].reshape(kv_heads, groups, c, n_loc).sum(dim=2)
+    memory.add_tail_scores(local_lo, mass.reshape(heads, n_loc))
+    memory.seal(end - n_local + 1, ctx.next_uid)
+    return out.reshape(heads, c, d)
+
+
+def _scores(q: torch.Tensor, k: torch.Tensor, kv_heads: int, scaling: float) -> torch.Tensor:
+    """`q [heads, c, d]`, `k [kv_heads, n, d]` -> fp32 logits `[kv_heads, groups*c, n]`."""
+    heads, c, d = q.shape
+    grouped = q.reshape(kv_heads, (heads // kv_heads) * c, d)
+    return torch.bmm(grouped, k.transpose(1, 2)).to(torch.float32) * scaling
+
+
+def _select_blocks(
+    memory: LayerMemory, q_mem: torch.Tensor, topk: int
+) -> tuple[list[int], list[float]]:
+    """Score every block by its representatives against the chunk's mean query."""
+    mean_q = q_mem.to(torch.float32).mean(dim=1)  # [heads, d]
+    reprs = memory.reprs.to(mean_q.device, torch.float32)  # [n_blocks, heads, d]
+    block_scores = torch.einsum("nhd,hd->n", reprs, mean_q)
+    k = min(topk, block_scores.shape[0])
+    top = block_scores.topk(k)
+    order = top.indices.argsort()
+    ids = top.indices[order].tolist()
+    scores = top.values[order].tolist()
+    return ids, scores

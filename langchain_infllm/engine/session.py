@@ -1,0 +1,320 @@
+"""Session: one conversation's context memory plus the exact tokens it has consumed.
+
+The invariant every method keeps, even when a forward fails half-way: `token_ids`
+describes exactly what the memory of every layer holds.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
+
+from langchain_infllm.engine.attention import InfLLMForwardContext
+from langchain_infllm.engine.records import RetrievalRecord, StepResult
+from langchain_infllm.engine.sampling import sample_token
+
+if TYPE_CHECKING:
+    from langchain_infllm.engine.engine import InfLLMEngine
+
+logger = logging.getLogger(__name__)
+
+OOM_ATTEMPTS = 3
+
+
+class EngineOutOfMemoryError(RuntimeError):
+    """A forward ran out of memory even with smaller execution chunks; nothing was lost."""
+
+
+class ContextLimitError(ValueError):
+    """The session would exceed the configured `max_context`."""
+
+
+class Session:
+    """Context memory for one token stream; only new tokens are ever computed."""
+
+    def __init__(self, engine: InfLLMEngine, session_id: str | None = None) -> None:
+        self.engine = engine
+        self.session_id = session_id or uuid.uuid4().hex
+        self.lock = threading.RLock()
+        self.layers = [engine.new_layer_memory() for _ in range(engine.num_layers)]
+        self._tokens: list[int] = []
+        self.last_logits: torch.Tensor | None = None
+        self._retrievals: list[RetrievalRecord] = []
+        self.trace_sink: Callable[[RetrievalRecord], None] | None = None
+        self.totals = {"computed": 0, "reused": 0, "hits": 0, "misses": 0, "bytes_copied": 0}
+        self.last_used = time.monotonic()
+
+    # ------------------------------------------------------------------ views
+    @property
+    def token_ids(self) -> list[int]:
+        return list(self._tokens)
+
+    def __len__(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def n_blocks(self) -> int:
+        return self.layers[0].n_blocks if self.layers else 0
+
+    def device_bytes(self) -> int:
+        return sum(layer.device_bytes() for layer in self.layers)
+
+    def host_bytes(self) -> int:
+        return sum(layer.host_bytes() for layer in self.layers)
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for this session (cumulative) and what it holds now."""
+        return {
+            "session_id": self.session_id,
+            "tokens": len(self._tokens),
+            "blocks": self.n_blocks,
+            "tokens_computed": self.totals["computed"],
+            "tokens_reused": self.totals["reused"],
+            "cache_hits": self.totals["hits"],
+            "cache_misses": self.totals["misses"],
+            "bytes_copied": self.totals["bytes_copied"],
+            "device_bytes": self.device_bytes(),
+            "host_bytes": self.host_bytes(),
+            "cache_resident_bytes": self.engine.cache_resident_bytes(),
+        }
+
+    def drain_retrievals(self) -> list[RetrievalRecord]:
+        """Retrieval records since the last drain (kept only when `trace` is not 'off')."""
+        with self.lock:
+            records, self._retrievals = self._retrievals, []
+            return records
+
+    # -------------------------------------------------------------- mutation
+    def append(self, token_ids: Iterable[int]) -> StepResult:
+        """Process exactly these tokens (in chunks) and return the last one's logits."""
+        ids = self._validate_ids(token_ids)
+        with self.lock:
+            self.last_used = time.monotonic()
+            if not ids:
+                return StepResult(logits=self.last_logits, computed_tokens=0)
+            limit = self.engine.config.max_context
+            if limit is not None and len(self._tokens) + len(ids) > limit:
+                raise ContextLimitError(
+                    f"session would hold {len(self._tokens) + len(ids)} tokens; "
+                    f"max_context is {limit}"
+                )
+            began = time.perf_counter()
+            counters_before = self._cache_counters()
+            records: list[RetrievalRecord] = []
+            chunk = self.engine.config.chunk_size
+            for a in range(0, len(ids), chunk):
+                self._forward_with_retry(ids[a : a + chunk], records)
+            hits, misses, copied = (
+                now - then
+                for now, then in zip(self._cache_counters(), counters_before, strict=True)
+            )
+            self.totals["computed"] += len(ids)
+            self.totals["hits"] += hits
+            self.totals["misses"] += misses
+            self.totals["bytes_copied"] += copied
+            if self.engine.config.trace != "off":
+                self._retrievals.extend(records)
+            return StepResult(
+                logits=self.last_logits,
+                computed_tokens=len(ids),
+                seconds=time.perf_counter() - began,
+                cache_hits=hits,
+                cache_misses=misses,
+                bytes_copied=copied,
+                retrievals=records,
+            )
+
+    def sync(self, prompt_ids: Sequence[int]) -> StepResult:
+        """Make the session hold exactly `prompt_ids`, computing only what is new.
+
+        The longest common prefix with the consumed tokens is kept; a divergent suffix is
+        truncated (nothing before it is recomputed). If the prompt is a prefix of what was
+        consumed, the last prompt token is recomputed to obtain its logits.
+        """
+        prompt = self._validate_ids(prompt_ids)
+        if not prompt:
+            raise ValueError("cannot sync to an empty prompt")
+        with self.lock:
+            common = _common_prefix(self._tokens, prompt)
+            if common == len(prompt) == len(self._tokens) and self.last_logits is not None:
+                self.totals["reused"] += common
+                return StepResult(logits=self.last_logits, computed_tokens=0, reused_tokens=common)
+            if common == len(prompt):
+                common -= 1  # need the logits after the last prompt token
+            if common < len(self._tokens):
+                self.truncate(common)
+            result = self.append(prompt[common:])
+            result.reused_tokens = common
+            self.totals["reused"] += common
+            return result
+
+    def truncate(self, length: int) -> None:
+        """Keep the first `length` tokens; computes nothing, keeps their K/V byte-identical."""
+        with self.lock:
+            if not 0 <= length <= len(self._tokens):
+                raise ValueError(f"truncate({length}) outside [0, {len(self._tokens)}]")
+            if length == len(self._tokens):
+                return
+            self._truncate_layers(length)
+            del self._tokens[length:]
+            self.last_logits = None
+
+    def generate(
+        self,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop_token_ids: Iterable[int] = (),
+        seed: int | None = None,
+    ) -> Iterator[int]:
+        """Yield sampled tokens; each is appended to the session before it is yielded.
+
+        Closing the iterator early is safe: the session then holds the prompt plus exactly
+        the tokens yielded so far.
+        """
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        stops = set(stop_token_ids)
+        generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        return self._generate(max_new_tokens, temperature, top_p, stops, generator)
+
+    def _generate(
+        self,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        stops: set[int],
+        generator: torch.Generator | None,
+    ) -> Iterator[int]:
+        for _ in range(max_new_tokens):
+            logits = self.last_logits
+            if logits is None:
+                raise RuntimeError("nothing to continue from: append or sync a prompt first")
+            token = sample_token(logits, temperature, top_p, generator)
+            self.append([token])
+            yield token
+            if token in stops:
+                return
+
+    def fork(self, session_id: str | None = None) -> Session:
+        """An independent copy sharing the immutable sealed blocks with this session."""
+        with self.lock:
+            twin = Session(self.engine, session_id)
+            twin.layers = [layer.clone() for layer in self.layers]
+            twin._tokens = list(self._tokens)
+            twin.last_logits = None if self.last_logits is None else self.last_logits.clone()
+            return twin
+
+    def save(self, path: str | Path) -> Path:
+        """Write a snapshot (safetensors + JSON manifest) atomically; returns the folder."""
+        from langchain_infllm.engine.persistence import save_session
+
+        with self.lock:
+            return save_session(self, Path(path))
+
+    # ------------------------------------------------------------- internals
+    def _validate_ids(self, token_ids: Iterable[int]) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        vocab = self.engine.vocab_size
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+        return ids
+
+    def _cache_counters(self) -> tuple[int, int, int]:
+        hits = misses = copied = 0
+        for cache in self.engine.caches:
+            h, m, c = cache.counters.snapshot()
+            hits, misses, copied = hits + h, misses + m, copied + c
+        return hits, misses, copied
+
+    def _out_of_window_end(self, length: int) -> int:
+        return max(0, length - self.engine.config.n_local + 1)
+
+    def _truncate_layers(self, length: int) -> None:
+        end = self._out_of_window_end(length)
+        for layer in self.layers:
+            layer.truncate(min(length, layer.length), end)
+
+    def _forward_with_retry(self, ids: list[int], records: list[RetrievalRecord]) -> None:
+        exc_size = self.engine.config.exc_block_size
+
+        def shrink(_: Any) -> None:
+            nonlocal exc_size
+            exc_size = max(1, exc_size // 2)
+            logger.warning("out of memory; retrying with execution chunks of %d", exc_size)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type(torch.OutOfMemoryError),
+            stop=stop_after_attempt(OOM_ATTEMPTS),
+            before_sleep=shrink,
+            reraise=False,
+        )
+        try:
+            for attempt in retrying:
+                with attempt:
+                    self._forward(ids, exc_size, records)
+        except RetryError as exc:
+            raise EngineOutOfMemoryError(
+                f"out of memory on {len(ids)} tokens even with execution chunks of {exc_size}; "
+                f"the session still holds its {len(self._tokens)} earlier tokens"
+            ) from exc.last_attempt.exception()
+
+    def _forward(self, ids: list[int], exc_size: int, records: list[RetrievalRecord]) -> None:
+        engine = self.engine
+        start = len(self._tokens)
+        pending: list[RetrievalRecord] = []
+        sink = self.trace_sink
+
+        def record(rec: RetrievalRecord) -> None:
+            pending.append(rec)
+
+        ctx = InfLLMForwardContext(
+            layers=self.layers,
+            caches=engine.caches,
+            rope=engine.rope,
+            start=start,
+            n_local=engine.config.n_local,
+            topk=engine.config.topk,
+            exc_block_size=exc_size,
+            next_uid=engine.next_uid,
+            record=record if engine.config.trace != "off" or sink is not None else None,
+        )
+        input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
+        position_ids = torch.zeros_like(input_ids)
+        try:
+            with engine.model_lock, torch.no_grad():
+                out = engine.model(
+                    input_ids=input_ids,
+                    position_ids=position_ids,
+                    use_cache=False,
+                    logits_to_keep=1,
+                    infllm_context=ctx,
+                )
+        except BaseException:
+            # Layers may have consumed part of the chunk: roll every one back to `start`.
+            self._truncate_layers(start)
+            raise
+        self._tokens.extend(ids)
+        self.last_logits = out.logits[0, -1].to(torch.float32)
+        engine.tokens_computed += len(ids)
+        records.extend(pending)
+        if sink is not None:
+            for rec in pending:
+                sink(rec)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n

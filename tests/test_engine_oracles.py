@@ -1,0 +1,128 @@
+"""The engine against independent references (DESIGN.md section 8), on random inputs."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from langchain_infllm import InfLLMConfig, InfLLMEngine
+from tests.dense_oracle import dense_oracle_logits
+from tests.tiny_models import ARCHS, tiny_pair
+
+ATOL = 1e-4
+
+
+def _pieces(rng: random.Random, total: int, low: int = 1, high: int = 23) -> list[int]:
+    sizes = []
+    while sum(sizes) < total:
+        sizes.append(min(rng.randint(low, high), total - sum(sizes)))
+    return sizes
+
+
+def _exec_chunks(pieces: list[int], chunk_size: int, exc: int) -> list[tuple[int, int]]:
+    """Execution chunks the engine should use for this append pattern."""
+    chunks, pos = [], 0
+    for size in pieces:
+        for a in range(0, size, chunk_size):
+            call = min(chunk_size, size - a)
+            for b in range(0, call, exc):
+                chunks.append((pos + b, pos + min(call, b + exc)))
+            pos += call
+    return chunks
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_short_context_equals_vanilla(arch: str) -> None:
+    model, reference = tiny_pair(arch, seed=1)
+    config = InfLLMConfig(n_local=128, block_size=16, n_init=8, topk=2, max_cached_block=4,
+                          exc_block_size=16, chunk_size=40)
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(arch)
+    ids = [rng.randrange(97) for _ in range(127)]
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    session = engine.new_session()
+    pos = 0
+    for size in _pieces(rng, len(ids)):
+        out = session.append(ids[pos : pos + size])
+        pos += size
+        assert out.logits is not None
+        torch.testing.assert_close(out.logits, expected[pos - 1], atol=ATOL, rtol=0)
+    assert session.n_blocks == 0
+
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_long_context_matches_dense_oracle_with_all_blocks(arch: str, seed: int) -> None:
+    model, reference = tiny_pair(arch, seed=seed)
+    config = InfLLMConfig(n_local=32, block_size=8, n_init=4, topk=64, max_cached_block=64,
+                          repr_topk=3, exc_block_size=12, chunk_size=29)
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(seed * 31 + len(arch))
+    ids = [rng.randrange(97) for _ in range(171)]  # 5+ windows, not a multiple of anything
+    expected = dense_oracle_logits(reference, ids, n_local=32, n_init=4, block_size=8)
+    session = engine.new_session()
+    pos = 0
+    for size in _pieces(rng, len(ids)):
+        out = session.append(ids[pos : pos + size])
+        pos += size
+        assert out.logits is not None
+        torch.testing.assert_close(out.logits, expected[pos - 1], atol=ATOL, rtol=0)
+    assert session.n_blocks == (171 - 32 + 1 - 4) // 8
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama31"])
+@pytest.mark.parametrize("topk", [0, 1, 3])
+def test_long_context_matches_oracle_restricted_to_selection(arch: str, topk: int) -> None:
+    model, reference = tiny_pair(arch, seed=topk)
+    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=4,
+                          repr_topk=2, exc_block_size=7, chunk_size=19, trace="full")
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(100 + topk)
+    ids = [rng.randrange(97) for _ in range(157)]
+    pieces = _pieces(rng, len(ids))
+    session = engine.new_session()
+    outputs = []
+    pos = 0
+    for size in pieces:
+        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
+        pos += size
+    records = session.drain_retrievals()
+    if topk:
+        assert records, "blocks were sealed, so retrievals must be recorded"
+        assert all(len(r.block_ids) <= topk for r in records)
+        assert any(len(r.block_ids) == topk for r in records)
+    expected = dense_oracle_logits(
+        reference, ids, n_local=24, n_init=3, block_size=6, records=records,
+        chunks=_exec_chunks(pieces, 19, 7),
+    )
+    for position, logits in outputs:
+        torch.testing.assert_close(logits, expected[position], atol=ATOL, rtol=0)
+
+
+def test_fewer_blocks_differs_from_all_blocks() -> None:
+    """Guard on the oracle itself: restricting the selection must change the outputs."""
+    _, reference = tiny_pair("llama", seed=3)
+    rng = random.Random(3)
+    ids = [rng.randrange(97) for _ in range(120)]
+    full = dense_oracle_logits(reference, ids, n_local=24, n_init=3, block_size=6)
+    none = dense_oracle_logits(reference, ids, n_local=24, n_init=3, block_size=6,
+                               chunks=_exec_chunks([120], 19, 7))
+    assert (full[-1] - none[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_tracks_dense_oracle(dtype: torch.dtype) -> None:
+    model, reference = tiny_pair("qwen2", seed=5, dtype=dtype)
+    config = InfLLMConfig(n_local=32, block_size=8, n_init=4, topk=64, max_cached_block=64,
+                          exc_block_size=16, chunk_size=64)
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(5)
+    ids = [rng.randrange(97) for _ in range(150)]
+    expected = dense_oracle_logits(reference.float(), ids, n_local=32, n_init=4, block_size=8)
+    out = engine.new_session().append(ids)
+    assert out.logits is not None
+    assert torch.isfinite(out.logits).all()
+    torch.testing.assert_close(out.logits, expected[-1], atol=0.1, rtol=0.05)
