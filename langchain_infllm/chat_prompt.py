@@ -1,0 +1,367 @@
+"""Turn LangChain messages into the token ids a session consumes.
+
+Rendering goes through the tokenizer's own chat template (tools through its ``tools=``
+argument). Two properties matter more than the exact text:
+
+* **Stable prefixes.** The ids for a conversation must start with the ids that were
+  used for any earlier, shorter version of it, or the session recomputes. The text is
+  therefore tokenized in *segments* cut at assistant-turn boundaries, never across
+  them, so appending messages never changes the tokens of earlier segments.
+* **Exact assistant tokens.** An assistant message this package generated comes back
+  as the exact ids the model produced (looked up by message id, see
+  ``chat_sessions.GeneratedTokenStore``) instead of a re-render, because templates do
+  not always re-render a turn to the same tokens. The splice is only made where the
+  template verifiably renders the turn as a contiguous region after the generation
+  prompt; elsewhere the re-render is used (correct, just recomputed).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from langchain_core.messages import (
+    AIMessage,
+    BaseMessage,
+    ChatMessage,
+    HumanMessage,
+    SystemMessage,
+    ToolMessage,
+)
+
+# Content-block types that carry text we render.
+_TEXT_BLOCKS = {"text", "text-plain"}
+# Block types of an AIMessage that are represented elsewhere (``tool_calls``) or that a
+# non-reasoning template cannot show; they are dropped from the rendered text.
+_AI_SKIPPED_BLOCKS = {
+    "tool_use",
+    "tool_call",
+    "tool_call_chunk",
+    "invalid_tool_call",
+    "server_tool_call",
+    "server_tool_call_chunk",
+    "server_tool_result",
+    "thinking",
+    "reasoning",
+    "redacted_thinking",
+}
+_ROLE_ALIASES = {
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "ai": "assistant",
+    "system": "system",
+    "developer": "system",
+    "tool": "tool",
+}
+
+TokenLookup = Callable[[AIMessage], "Sequence[int] | None"]
+"""Returns the exact ids generated for an assistant message, or None."""
+
+
+class PromptError(ValueError):
+    """The messages cannot be rendered; the message says which one and why."""
+
+
+# ----------------------------------------------------------------------------- messages
+
+
+def _content_text(content: str | list[Any], *, index: int, role: str) -> str:
+    """Text of a message's content; non-text blocks raise ``PromptError``."""
+    if isinstance(content, str):
+        return content
+    parts: list[str] = []
+    for block in content:
+        if isinstance(block, str):
+            parts.append(block)
+            continue
+        if not isinstance(block, Mapping):
+            raise PromptError(
+                f"message {index} ({role}): content items must be strings or dicts, "
+                f"got {type(block).__name__}"
+            )
+        kind = block.get("type")
+        if kind in _TEXT_BLOCKS:
+            parts.append(str(block.get("text", "")))
+        elif role == "assistant" and kind in _AI_SKIPPED_BLOCKS:
+            continue
+        else:
+            raise PromptError(
+                f"message {index} ({role}): content block of type {kind!r} is not supported; "
+                "ChatInfLLM accepts text only (no images, audio, files or other media)"
+            )
+    return "".join(parts)
+
+
+def _tool_call_dict(call: Mapping[str, Any]) -> dict[str, Any]:
+    args = call.get("args")
+    if not isinstance(args, dict):
+        args = {}
+    return {
+        "id": call.get("id") or "",
+        "type": "function",
+        "function": {"name": call.get("name") or "", "arguments": args},
+    }
+
+
+def message_to_dict(message: BaseMessage, index: int = 0) -> dict[str, Any]:
+    """One message as the ``{"role", "content", ...}`` dict chat templates expect."""
+    if isinstance(message, SystemMessage):
+        return {
+            "role": "system",
+            "content": _content_text(message.content, index=index, role="system"),
+        }
+    if isinstance(message, HumanMessage):
+        return {"role": "user", "content": _content_text(message.content, index=index, role="user")}
+    if isinstance(message, AIMessage):
+        out: dict[str, Any] = {
+            "role": "assistant",
+            "content": _content_text(message.content, index=index, role="assistant"),
+        }
+        if message.tool_calls:
+            out["tool_calls"] = [_tool_call_dict(call) for call in message.tool_calls]
+        return out
+    if isinstance(message, ToolMessage):
+        text = _content_text(message.content, index=index, role="tool")
+        if message.status == "error" and not text.lstrip().lower().startswith("error"):
+            text = f"Error: {text}"
+        out = {"role": "tool", "content": text, "tool_call_id": message.tool_call_id}
+        if message.name:
+            out["name"] = message.name
+        return out
+    if isinstance(message, ChatMessage):
+        role = _ROLE_ALIASES.get(message.role.lower())
+        if role is None or role == "tool":
+            raise PromptError(
+                f"message {index}: unknown role {message.role!r}; supported roles are "
+                "'system', 'user', 'assistant' (use ToolMessage for tool results)"
+            )
+        return {"role": role, "content": _content_text(message.content, index=index, role=role)}
+    raise PromptError(
+        f"message {index}: {type(message).__name__} (type {message.type!r}) is not supported; "
+        "use SystemMessage, HumanMessage, AIMessage or ToolMessage"
+    )
+
+
+def messages_to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+    """Validate and convert a conversation; raises ``PromptError`` naming the problem."""
+    if not messages:
+        raise PromptError("no messages: ChatInfLLM needs at least one message")
+    return [message_to_dict(message, index) for index, message in enumerate(messages)]
+
+
+# ----------------------------------------------------------------------------- tools
+
+_FALLBACK_TOOL_PROMPT = (
+    "# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    "{tools}\n</tools>\n\nFor each function call, return a json object with function name "
+    "and arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n"
+    '{{"name": <function-name>, "arguments": <args-json-object>}}\n</tool_call>'
+)
+
+
+def _inject_tools(
+    dicts: list[dict[str, Any]], tools: Sequence[Mapping[str, Any]]
+) -> list[dict[str, Any]]:
+    """For templates without tool support: describe the tools in the system message."""
+    listing = "\n".join(json.dumps(tool, ensure_ascii=False) for tool in tools)
+    text = _FALLBACK_TOOL_PROMPT.format(tools=listing)
+    out = [dict(d) for d in dicts]
+    if out and out[0]["role"] == "system":
+        out[0]["content"] = f"{out[0]['content']}\n\n{text}" if out[0]["content"] else text
+    else:
+        out.insert(0, {"role": "system", "content": text})
+    # Tool calls and results become plain text the template can show.
+    for d in out:
+        calls = d.pop("tool_calls", None)
+        if calls:
+            rendered = "\n".join(
+                "<tool_call>\n"
+                + json.dumps(
+                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]},
+                    ensure_ascii=False,
+                )
+                + "\n</tool_call>"
+                for c in calls
+            )
+            d["content"] = f"{d['content']}\n{rendered}" if d["content"] else rendered
+        if d["role"] == "tool":
+            d["role"] = "user"
+            d["content"] = f"<tool_response>\n{d['content']}\n</tool_response>"
+            d.pop("tool_call_id", None)
+            d.pop("name", None)
+    return out
+
+
+def _tool_format(template: str, supports_tools: bool) -> str:
+    """The tool-call format the template teaches (a ``tool_call_prefill`` format name)."""
+    if "[TOOL_CALLS]" in template:
+        return "mistral"
+    if "<tool_call>" in template or not supports_tools:
+        return "hermes"  # our fallback tool prompt is Hermes-style too
+    return "llama"  # templates that list tools but define no markup expect bare JSON
+
+
+# ----------------------------------------------------------------------------- render
+
+
+@dataclass
+class RenderedPrompt:
+    """Token ids for one call and how they were put together."""
+
+    token_ids: list[int]
+    text: str
+    """The template's rendering (what the ids decode to, except spliced turns)."""
+    spliced_messages: int = 0
+    spliced_tokens: int = 0
+    segments: list[tuple[int, int]] = field(default_factory=list)
+    """(start, end) token positions of each spliced assistant turn."""
+
+
+class PromptRenderer:
+    """Renders conversations with one tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any, end_of_turn_ids: Sequence[int] = ()) -> None:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise PromptError(
+                "the tokenizer has no chat template; ChatInfLLM needs an instruct/chat model"
+            )
+        self.tokenizer = tokenizer
+        template = tokenizer.chat_template
+        if isinstance(template, dict):
+            template = " ".join(str(v) for v in template.values())
+        self.template_supports_tools = "tools" in str(template)
+        self.tool_format = _tool_format(str(template), self.template_supports_tools)
+        self.end_of_turn_ids = tuple(dict.fromkeys(int(i) for i in end_of_turn_ids))
+        self._end_of_turn_texts = [
+            text
+            for text in (tokenizer.convert_ids_to_tokens(int(i)) for i in self.end_of_turn_ids)
+            if isinstance(text, str) and text
+        ]
+
+    # -- plain rendering ---------------------------------------------------------------
+    def apply(
+        self,
+        dicts: Sequence[Mapping[str, Any]],
+        tools: Sequence[Mapping[str, Any]] | None,
+        *,
+        add_generation_prompt: bool,
+    ) -> str:
+        """The template's text for these message dicts."""
+        msgs = [dict(d) for d in dicts]
+        kwargs: dict[str, Any] = {}
+        if tools:
+            if self.template_supports_tools:
+                kwargs["tools"] = [dict(t) for t in tools]
+            else:
+                msgs = _inject_tools(msgs, tools)
+        try:
+            text = self.tokenizer.apply_chat_template(
+                msgs, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs
+            )
+        except Exception as error:  # template errors come as jinja2 exceptions
+            raise PromptError(f"the chat template rejected the messages: {error}") from error
+        if not isinstance(text, str):
+            raise PromptError("the chat template did not return text")
+        return text
+
+    def encode(self, text: str) -> list[int]:
+        """Ids of a piece of rendered text (the template writes any BOS itself)."""
+        if not text:
+            return []
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def count(
+        self, messages: Sequence[BaseMessage], tools: Sequence[Mapping[str, Any]] | None = None
+    ) -> int:
+        """Tokens of the rendered prompt (with the generation prompt)."""
+        return len(
+            self.encode(self.apply(messages_to_dicts(messages), tools, add_generation_prompt=True))
+        )
+
+    # -- prompt with splices -----------------------------------------------------------
+    def render(
+        self,
+        messages: Sequence[BaseMessage],
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        lookup: TokenLookup | None = None,
+    ) -> RenderedPrompt:
+        """Ids for the conversation followed by the assistant generation prompt."""
+        dicts = messages_to_dicts(messages)
+        full = self.apply(dicts, tools, add_generation_prompt=True)
+        ids: list[int] = []
+        spans: list[tuple[int, int]] = []
+        spliced_tokens = 0
+        pos = 0
+        for index, message in enumerate(messages):
+            if not isinstance(message, AIMessage) or lookup is None:
+                continue
+            generated = lookup(message)
+            if not generated:
+                continue
+            # Cuts happen only at spliced turns; the text between cuts is tokenized in one
+            # piece, so the same conversation prefix always yields the same ids.
+            region = self._assistant_region(dicts, index, tools, full)
+            if region is None or region[0] < pos:
+                continue
+            start, end = region
+            splice = self._splice(full[start:end], generated)
+            if splice is None:
+                continue
+            ids.extend(self.encode(full[pos:start]))
+            begin = len(ids)
+            ids.extend(splice)
+            spans.append((begin, len(ids)))
+            spliced_tokens += len(generated)
+            pos = end
+        ids.extend(self.encode(full[pos:]))
+        return RenderedPrompt(
+            token_ids=ids,
+            text=full,
+            spliced_messages=len(spans),
+            spliced_tokens=spliced_tokens,
+            segments=spans,
+        )
+
+    def _assistant_region(
+        self,
+        dicts: Sequence[Mapping[str, Any]],
+        index: int,
+        tools: Sequence[Mapping[str, Any]] | None,
+        full: str,
+    ) -> tuple[int, int] | None:
+        """Character span of assistant turn ``index`` in ``full``: from the end of the
+        generation prompt to the end of the turn, if the template renders it that way."""
+        if index == 0:
+            return None
+        try:
+            before = self.apply(dicts[:index], tools, add_generation_prompt=True)
+            through = self.apply(dicts[: index + 1], tools, add_generation_prompt=False)
+        except PromptError:
+            return None
+        if not (
+            len(before) <= len(through) and through.startswith(before) and full.startswith(through)
+        ):
+            return None
+        return len(before), len(through)
+
+    def _splice(self, region: str, generated: Sequence[int]) -> list[int] | None:
+        """The generated ids plus the template's closing of the turn, or None when the
+        turn's end cannot be located in the rendered region."""
+        best = -1
+        best_text = ""
+        for text in self._end_of_turn_texts:
+            at = region.rfind(text)
+            if at > best:
+                best, best_text = at, text
+        if best < 0:
+            return None
+        ids = [int(t) for t in generated]
+        if ids and ids[-1] in self.end_of_turn_ids:
+            closing = region[best + len(best_text) :]
+        else:
+            closing = region[best:]
+        return ids + self.encode(closing)
