@@ -112,11 +112,11 @@ def attend_chunk(
     memory.append_tail(k, v)
     tail_start = memory.tail_start
     device = q.device
-
+    # Scale queries once (cheaper than scaling the logits); ordering of scores is unchanged.
+    q = q * scaling
     # Memory side: start the block copies first so they overlap the local attention.
-    q_mem = ctx.rope.rotate(q, n_local)
+    q_mem = ctx.rope.rotate(q, n_local, same=True)
     pending = None
-    chosen: list[int] = []
     if ctx.topk > 0 and memory.n_blocks > 0:
         chosen, chosen_scores = _select_blocks(memory, q_mem, ctx.topk)
         before = cache.counters.snapshot()
@@ -147,13 +147,11 @@ def attend_chunk(
     tail_k, tail_v = memory.tail_k, memory.tail_v
     loc_k = tail_k[:, local_lo - tail_start : end - tail_start]
     loc_v = tail_v[:, local_lo - tail_start : end - tail_start]
+    n_loc = loc_k.shape[1]
     key_pos = torch.arange(local_lo, end, device=device)
     query_pos = torch.arange(start, end, device=device)
-    q_loc = ctx.rope.rotate(q, query_pos - local_lo)
-    k_loc = ctx.rope.rotate(loc_k, key_pos - local_lo)
-    logits_loc = _scores(q_loc, k_loc, kv_heads, scaling)
-    dist = query_pos[:, None] - key_pos[None, :]
-    local_ok = (dist >= 0) & (dist < n_local)
+    q_loc = ctx.rope.rotate(q, start - local_lo)
+    k_loc = ctx.rope.rotate(loc_k, 0)
 
     n_rem = max(0, end - n_local - tail_start)
     mem_k_parts = [memory.init_k]
@@ -166,27 +164,57 @@ def attend_chunk(
     mem_v_parts.append(tail_v[:, :n_rem])
     mem_k = torch.cat(mem_k_parts, dim=1)
     mem_v = torch.cat(mem_v_parts, dim=1)
-    logits_mem = _scores(q_mem, mem_k, kv_heads, scaling)
-    # Sinks and sealed blocks are always >= n_local behind; the remainder is a staircase.
-    mem_ok = torch.ones(c, mem_k.shape[1], dtype=torch.bool, device=device)
-    if n_rem:
-        rem_pos = torch.arange(tail_start, tail_start + n_rem, device=device)
-        mem_ok[:, mem_k.shape[1] - n_rem :] = (query_pos[:, None] - rem_pos[None, :]) >= n_local
+    n_mem = mem_k.shape[1]
 
-    n_loc = loc_k.shape[1]
-    logits = torch.cat([logits_loc, logits_mem], dim=-1)  # [kv_heads, groups*c, n_loc+n_mem]
-    allowed = torch.cat([local_ok, mem_ok], dim=-1).repeat(groups, 1)
-    logits.masked_fill_(~allowed, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    p_loc = probs[..., :n_loc].to(v.dtype)
-    p_mem = probs[..., n_loc:].to(v.dtype)
-    out = torch.bmm(p_loc, loc_v) + torch.bmm(p_mem, mem_v)  # [kv_heads, groups*c, d]
+    # One logits buffer for both parts, so a single softmax normalises over their union.
+    logits = torch.empty(kv_heads, groups * c, n_loc + n_mem, dtype=q.dtype, device=device)
+    torch.bmm(q_loc.reshape(kv_heads, groups * c, d), k_loc.transpose(1, 2),
+              out=logits[:, :, :n_loc])
+    torch.bmm(q_mem.reshape(kv_heads, groups * c, d), mem_k.transpose(1, 2),
+              out=logits[:, :, n_loc:])
+    _mask_bands(logits.view(kv_heads, groups, c, n_loc + n_mem), query_pos, key_pos,
+                n_local, n_rem, tail_start)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    p = probs.to(v.dtype)
+    out = torch.bmm(p[:, :, :n_loc], loc_v)
+    out.baddbmm_(p[:, :, n_loc:], mem_v)  # [kv_heads, groups*c, d]
 
     # Attention mass each local key received: the basis of representative keys.
-    mass = probs[..., :n_loc].reshape(kv_heads, groups, c, n_loc).sum(dim=2)
+    mass = probs[:, :, :n_loc].reshape(kv_heads, groups, c, n_loc).sum(dim=2)
     memory.add_tail_scores(local_lo, mass.reshape(heads, n_loc))
     memory.seal(end - n_local + 1, ctx.next_uid)
     return out.reshape(heads, c, d)
+
+
+def _mask_bands(
+    logits: torch.Tensor,
+    query_pos: torch.Tensor,
+    key_pos: torch.Tensor,
+    n_local: int,
+    n_rem: int,
+    tail_start: int,
+) -> None:
+    """Mask the only regions where visibility changes, in place (`logits [kvh, g, c, n]`).
+
+    Local keys are the columns `[0, n_loc)`: the last `c` may lie in a query's future,
+    the first `c` may be `n_local` or more behind it. The remainder (last `n_rem`
+    columns) is visible only once a query is `n_local` ahead. Sinks and blocks in between
+    are always visible, so they are never touched.
+    """
+    c = query_pos.shape[0]
+    n_loc = key_pos.shape[0]
+    qp = query_pos[:, None]
+    right = max(0, n_loc - c)
+    future = key_pos[None, right:] > qp
+    logits[..., right:n_loc].masked_fill_(future, float("-inf"))
+    left = min(c, n_loc)
+    too_far = (qp - key_pos[None, :left]) >= n_local
+    logits[..., :left].masked_fill_(too_far, float("-inf"))
+    if n_rem:
+        n = logits.shape[-1]
+        rem_pos = torch.arange(tail_start, tail_start + n_rem, device=query_pos.device)
+        too_near = (qp - rem_pos[None, :]) < n_local
+        logits[..., n - n_rem :].masked_fill_(too_near, float("-inf"))
 
 
 def _scores(q: torch.Tensor, k: torch.Tensor, kv_heads: int, scaling: float) -> torch.Tensor:

@@ -31,16 +31,31 @@ class RotaryTable:
         self.cos = cos / scale
         self.sin = sin / scale
         self.size = size
+        self._by_dtype: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {
+            torch.float32: (self.cos, self.sin)
+        }
 
-    def rotate(self, x: torch.Tensor, positions: torch.Tensor | int) -> torch.Tensor:
-        """Rotate `x[..., seq, head_dim]` by `positions` (a 1-D tensor of length seq, or an int)."""
-        if isinstance(positions, int):
-            cos = self.cos[positions]
-            sin = self.sin[positions]
+    def _tables(self, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        tables = self._by_dtype.get(dtype)
+        if tables is None:
+            tables = (self.cos.to(dtype), self.sin.to(dtype))
+            self._by_dtype[dtype] = tables
+        return tables
+
+    def rotate(self, x: torch.Tensor, first: int, *, same: bool = False) -> torch.Tensor:
+        """Rotate `x[..., seq, head_dim]` to positions `first, first+1, ...` (or all to
+        `first` when `same`). Contiguous positions let us slice the tables, not gather.
+
+        Computed in `x`'s dtype, as the Hugging Face models do.
+        """
+        cos_table, sin_table = self._tables(x.dtype)
+        if same:
+            cos, sin = cos_table[first], sin_table[first]
         else:
-            cos = self.cos[positions]
-            sin = self.sin[positions]
-        xf = x.to(torch.float32)
-        half = xf.shape[-1] // 2
-        rotated = torch.cat((-xf[..., half:], xf[..., :half]), dim=-1)
-        return (xf * cos + rotated * sin).to(x.dtype)
+            seq = x.shape[-2]
+            cos, sin = cos_table[first : first + seq], sin_table[first : first + seq]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        out = x * cos
+        out.addcmul_(rotated, sin)
+        return out
