@@ -163,6 +163,10 @@ class _Plan:
     prompt: RenderedPrompt
     prefill_text: str
     prefill_ids: list[int]
+    prefill_choices: list[tuple[str, list[int]]]
+    """Forced call among several tools: candidate prefills (one per tool name), scored by
+    the model at run time; the winner plus its argument opening becomes the prefill."""
+    args_openings: dict[str, tuple[str, list[int]]]
     tool_names: list[str]
     parse_tools: bool
     tool_format: str
@@ -190,6 +194,7 @@ class _Outcome:
     reused_tokens: int = 0
     computed_tokens: int = 0
     prefill_seconds: float = 0.0
+    scored_tokens: int = 0
     decode_seconds: float = 0.0
     context_tokens: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
@@ -497,8 +502,10 @@ class ChatInfLLM(BaseChatModel):
         if isinstance(max_tokens, int):
             params["ls_max_tokens"] = max_tokens
         stops = stop if stop is not None else self.stop
-        if stops:
+        if isinstance(stops, list | tuple) and stops and all(isinstance(x, str) for x in stops):
             params["ls_stop"] = list(stops)
+        else:
+            params.pop("ls_stop", None)  # invalid stop values are reported by the call itself
         return params
 
     def _resolve_model_profile(self) -> ModelProfile | None:
@@ -676,12 +683,25 @@ class ChatInfLLM(BaseChatModel):
 
         tool_format = renderer.tool_format
         prefill_text = ""
+        choices: list[tuple[str, list[int]]] = []
+        openings: dict[str, tuple[str, list[int]]] = {}
         if tools and choice not in (None, "auto", "none"):
             forced = choice if choice != "any" else (names[0] if len(names) == 1 else None)
-            prefill_text = tool_call_prefill(tool_format, forced)
+            if forced is not None:
+                prefill_text = tool_call_prefill(tool_format, forced) + _args_opening(
+                    tools[names.index(forced)]
+                )
+            else:
+                for tool, name in zip(tools, names, strict=True):
+                    text = tool_call_prefill(tool_format, name)
+                    choices.append((text, renderer.encode(text)))
+                    opening = _args_opening(tool)
+                    openings[text] = (opening, renderer.encode(text + opening))
+                # Until scored, count the longest candidate against the context limit.
+                prefill_text = max((c[0] for c in choices), key=len)
         prefill_ids = renderer.encode(prefill_text)
 
-        n_input = len(prompt.token_ids) + len(prefill_ids)
+        n_input = len(prompt.token_ids) + len(prefill_ids) + 2
         budget = max_tokens if max_tokens is not None else DEFAULT_MAX_NEW_TOKENS
         limit = self.resolved_config.max_context
         if limit is not None:
@@ -713,6 +733,8 @@ class ChatInfLLM(BaseChatModel):
             prompt=prompt,
             prefill_text=prefill_text,
             prefill_ids=prefill_ids,
+            prefill_choices=choices,
+            args_openings=openings,
             tool_names=names,
             parse_tools=bool(tools) and choice != "none",
             tool_format=tool_format,
@@ -741,10 +763,16 @@ class ChatInfLLM(BaseChatModel):
         with session.lock:
             session.drain_retrievals()  # records of earlier, unrelated work
             began = time.perf_counter()
-            step = session.sync(plan.input_ids)
+            if plan.prefill_choices:
+                step = session.sync(plan.prompt.token_ids)
+                self._choose_prefill(session, plan, step.logits)
+                final = session.sync(plan.input_ids)
+                outcome.scored_tokens = int(final.computed_tokens)
+            else:
+                step = session.sync(plan.input_ids)
             outcome.prefill_seconds = time.perf_counter() - began
             outcome.reused_tokens = int(step.reused_tokens)
-            outcome.computed_tokens = int(step.computed_tokens)
+            outcome.computed_tokens = len(plan.input_ids) - outcome.reused_tokens
             began = time.perf_counter()
             text = ""
             emitted = 0
@@ -796,6 +824,35 @@ class ChatInfLLM(BaseChatModel):
         outcome.done = True
 
     @staticmethod
+    def _choose_prefill(session: Any, plan: _Plan, logits: Any) -> None:
+        """Forced call among several tools: pick the name the model finds most likely.
+
+        Each candidate prefill (the call opening with one tool's name) is scored by its
+        log-probability after the prompt; the candidates share the prompt, so scoring
+        costs only their own few tokens.
+        """
+        import torch
+
+        base = list(plan.prompt.token_ids)
+        best_text, best_score = plan.prefill_choices[0][0], -float("inf")
+        for text, ids in plan.prefill_choices:
+            session.sync(base)  # truncates back to the prompt; nothing before is recomputed
+            current = logits
+            score = 0.0
+            for position, token in enumerate(ids):
+                if current is None:
+                    break
+                logprobs = torch.log_softmax(current.to(torch.float32), dim=-1)
+                score += float(logprobs[token])
+                if position + 1 < len(ids):
+                    current = session.append([token]).logits
+            if score > best_score:
+                best_text, best_score = text, score
+        opening, ids = plan.args_openings[best_text]
+        plan.prefill_text = best_text + opening
+        plan.prefill_ids = ids
+
+    @staticmethod
     def _find_stop(text: str, stops: Sequence[str]) -> int | None:
         found = [i for i in (text.find(s) for s in stops) if i >= 0]
         return min(found) if found else None
@@ -811,6 +868,7 @@ class ChatInfLLM(BaseChatModel):
             "tokens_computed": out.computed_tokens,
             "tokens_generated": len(out.generated_ids),
             "tokens_spliced": plan.prompt.spliced_tokens,
+            "tokens_scored": out.scored_tokens,
             "context_tokens": out.context_tokens,
             "blocks_in_memory": int(stats.get("blocks", 0)),
             "retrievals": digest["retrievals"],
@@ -909,8 +967,6 @@ class ChatInfLLM(BaseChatModel):
         """Shared body of the sync stream: text and tool-call chunks, then the last one."""
         parser = ToolCallStreamParser(plan.tool_names) if plan.parse_tools else None
         state = _StreamState()
-        if plan.prefill_text:
-            yield from self._feed(plan, parser, state, plan.prefill_text)
         for delta in deltas:
             yield from self._feed(plan, parser, state, delta)
         yield from self._close(plan, parser, state)
@@ -922,6 +978,9 @@ class ChatInfLLM(BaseChatModel):
         state: _StreamState,
         delta: str,
     ) -> Iterator[ChatGenerationChunk]:
+        if not state.prefill_fed:  # the prefill is final once the turn has started
+            state.prefill_fed = True
+            delta = plan.prefill_text + delta
         if parser is None:
             if delta:
                 state.text += delta
@@ -933,6 +992,8 @@ class ChatInfLLM(BaseChatModel):
     def _close(
         self, plan: _Plan, parser: ToolCallStreamParser | None, state: _StreamState
     ) -> Iterator[ChatGenerationChunk]:
+        if not state.prefill_fed:
+            yield from self._feed(plan, parser, state, "")
         if parser is not None:
             for event in parser.finish():
                 yield from self._event_chunk(plan, state, event)
@@ -1007,8 +1068,6 @@ class ChatInfLLM(BaseChatModel):
         parser = ToolCallStreamParser(plan.tool_names) if plan.parse_tools else None
         state = _StreamState()
         pending: list[ChatGenerationChunk] = []
-        if plan.prefill_text:
-            pending.extend(self._feed(plan, parser, state, plan.prefill_text))
         async for delta in self._aiter_turn(plan):
             pending.extend(self._feed(plan, parser, state, delta))
             for chunk in pending:
@@ -1144,6 +1203,21 @@ class _StreamState:
     tool_calls: list[ToolCall] = field(default_factory=list)
     invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
     next_index: int = 0
+    prefill_fed: bool = False
+
+
+def _args_opening(tool: Mapping[str, Any]) -> str:
+    """Start of the arguments object for a forced call of ``tool``.
+
+    Opening the object (and its first key when one is required) keeps small models from
+    writing a bare value where an object belongs.
+    """
+    params = tool.get("function", {}).get("parameters") or {}
+    if params.get("required"):
+        return '{"'
+    if params.get("properties"):
+        return "{"
+    return "{}"
 
 
 def _structured_checker(
