@@ -42,6 +42,7 @@ from langchain_core.outputs import ChatGeneration, ChatGenerationChunk, ChatResu
 from langchain_core.runnables import Runnable, RunnableConfig, RunnableLambda, ensure_config
 from langchain_core.tools import BaseTool
 from langchain_core.utils.function_calling import convert_to_json_schema, convert_to_openai_tool
+from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
@@ -1225,7 +1226,7 @@ def _structured_checker(
 ) -> Callable[[Any], Any]:
     """Raise when a structured-output result is missing or lacks required keys."""
     required: set[str] = set()
-    is_model = isinstance(schema, type) and issubclass(schema, BaseModel)
+    is_model = isinstance(schema, type) and is_basemodel_subclass(schema)  # pydantic v1 or v2
     if not is_model:
         with contextlib.suppress(Exception):
             required = set(convert_to_json_schema(schema).get("required") or [])
