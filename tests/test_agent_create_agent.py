@@ -92,12 +92,12 @@ def test_create_agent_many_steps_reuses_history() -> None:
 
     print(f"\n{len(steps)} model steps, {len(tool_results)} tool results in {seconds:.1f}s")
     for index, step in enumerate(steps):
-        usage = step.usage_metadata or {}
-        details: Any = usage.get("input_token_details", {})
+        shown: Any = step.usage_metadata or {}
+        details: Any = shown.get("input_token_details", {})
         print(
-            f"step {index}: input {usage.get('input_tokens')}"
+            f"step {index}: input {shown.get('input_tokens')}"
             f" cache_read {details.get('cache_read')}"
-            f" computed {details.get('cache_creation')} output {usage.get('output_tokens')}"
+            f" computed {details.get('cache_creation')} output {shown.get('output_tokens')}"
             f" calls {[(c['name'], c['args']) for c in step.tool_calls]} text {step.text[:60]!r}"
             f" blocks {step.response_metadata['infllm']['blocks_in_memory']}"
             f" retrievals {step.response_metadata['infllm']['retrievals']}"

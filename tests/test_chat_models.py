@@ -21,6 +21,7 @@ from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import (
     AIMessage,
     AIMessageChunk,
+    BaseMessage,
     ChatMessage,
     HumanMessage,
     SystemMessage,
@@ -121,6 +122,16 @@ def scripted(monkeypatch: pytest.MonkeyPatch, qwen_tokenizer: Any) -> list[str]:
     return replies
 
 
+def usage(message: BaseMessage) -> dict[str, Any]:
+    assert isinstance(message, AIMessage)
+    assert message.usage_metadata is not None
+    return dict(message.usage_metadata)
+
+
+def cache_read(message: BaseMessage) -> int:
+    return int(usage(message)["input_token_details"]["cache_read"])
+
+
 def session_of(message: AIMessage | AIMessageChunk) -> str:
     return str(message.response_metadata["infllm"]["session_id"])
 
@@ -161,7 +172,7 @@ def test_construction_errors(engine: InfLLMEngine) -> None:
     with pytest.raises(ValueError, match="differs"):
         ChatInfLLM(engine=engine, infllm_config=InfLLMConfig.create(n_local=2048))
     with pytest.raises(ValueError, match="stop sequences must be strings"):
-        ChatInfLLM(engine=engine, stop=[1])  # type: ignore[list-item]
+        ChatInfLLM(engine=engine, stop=[1])
     with pytest.raises(ValueError, match="temperature"):
         ChatInfLLM(engine=engine, temperature=-1)
 
@@ -237,11 +248,11 @@ def test_spliced_tokens_are_the_generated_ones(llm: ChatInfLLM, engine: InfLLMEn
 def test_edited_message_is_rendered_not_spliced(llm: ChatInfLLM) -> None:
     prompt = [HumanMessage("tell me something")]
     reply = llm.invoke(prompt, session_id="e")
-    total = reply.usage_metadata["total_tokens"]  # type: ignore[index]
+    total = usage(reply)["total_tokens"]
     edited = AIMessage(content="an edited answer", id=reply.id)
     again = llm.invoke([*prompt, edited, HumanMessage("and?")], session_id="e")
     assert again.response_metadata["infllm"]["tokens_spliced"] == 0
-    assert again.usage_metadata["input_token_details"]["cache_read"] < total  # type: ignore[index]
+    assert cache_read(again) < total
 
 
 def test_message_without_id_is_spliced_by_content(llm: ChatInfLLM) -> None:
@@ -249,12 +260,7 @@ def test_message_without_id_is_spliced_by_content(llm: ChatInfLLM) -> None:
     reply = llm.invoke(prompt, session_id="c")
     copy_without_id = AIMessage(content=reply.content)
     again = llm.invoke([*prompt, copy_without_id, HumanMessage("and?")], session_id="c")
-    assert (
-        again.usage_metadata["input_token_details"]["cache_read"]
-        == (  # type: ignore[index]
-            reply.usage_metadata["total_tokens"]  # type: ignore[index]
-        )
-    )
+    assert cache_read(again) == (usage(reply)["total_tokens"])
 
 
 def test_stream_matches_invoke_and_puts_metadata_last(
@@ -272,7 +278,7 @@ def test_stream_matches_invoke_and_puts_metadata_last(
         full = full + chunk
     assert full.text == invoked.text
     assert full.usage_metadata is not None
-    assert full.usage_metadata["output_tokens"] == invoked.usage_metadata["output_tokens"]  # type: ignore[index]
+    assert usage(full)["output_tokens"] == usage(invoked)["output_tokens"]
     assert full.response_metadata["finish_reason"] == invoked.response_metadata["finish_reason"]
     assert len({c.id for c in chunks}) == 1
 
@@ -282,8 +288,8 @@ def test_streaming_flag_routes_invoke_through_stream(llm: ChatInfLLM) -> None:
     tokens: list[str] = []
 
     class Collect(BaseCallbackHandler):
-        def on_llm_new_token(self, token: str, **kwargs: Any) -> None:
-            tokens.append(token)
+        def on_llm_new_token(self, token: Any, **kwargs: Any) -> None:
+            tokens.append(str(token))
 
     result = streaming.invoke("hi", config={"callbacks": [Collect()]})
     assert result.usage_metadata is not None
@@ -293,19 +299,19 @@ def test_streaming_flag_routes_invoke_through_stream(llm: ChatInfLLM) -> None:
 def test_stream_closed_early_leaves_session_consistent(
     llm: ChatInfLLM, engine: InfLLMEngine
 ) -> None:
-    stream = llm.stream("go on", session_id="early", max_tokens=30)
+    stream: Any = llm.stream("go on", session_id="early", max_tokens=30)
     next(stream)
     stream.close()
     session = engine.session("early")
     assert len(session) == len(session.token_ids)
     again = llm.invoke("go on", session_id="early")
-    assert again.usage_metadata["input_token_details"]["cache_read"] > 0  # type: ignore[index]
+    assert cache_read(again) > 0
 
 
 def test_max_tokens_and_finish_reason(llm: ChatInfLLM) -> None:
     result = llm.invoke("hi", max_tokens=3)
-    assert result.usage_metadata["output_tokens"] <= 3  # type: ignore[index]
-    if result.usage_metadata["output_tokens"] == 3:  # type: ignore[index]
+    assert usage(result)["output_tokens"] <= 3
+    if usage(result)["output_tokens"] == 3:
         assert result.response_metadata["finish_reason"] == "length"
 
 
@@ -374,7 +380,7 @@ def test_prompt_over_max_context_is_refused(qwen_tokenizer: Any, engine: InfLLME
     assert limited.session("m").token_ids == before
     # Generation stops at the limit instead of overflowing it.
     result = ChatInfLLM(engine=limited, max_tokens=500).invoke("short", session_id="n")
-    assert result.usage_metadata["total_tokens"] <= 200  # type: ignore[index]
+    assert usage(result)["total_tokens"] <= 200
 
 
 def test_unsupported_message_class(llm: ChatInfLLM) -> None:
@@ -390,14 +396,14 @@ def test_unsupported_message_class(llm: ChatInfLLM) -> None:
 def test_session_choice_precedence(llm: ChatInfLLM) -> None:
     assert session_of(llm.invoke("hi")) == DEFAULT_SESSION_ID
     assert session_of(llm.invoke("hi", session_id="kw")) == "kw"
-    configured = {"configurable": {"session_id": "cfg"}}
+    configured: Any = {"configurable": {"session_id": "cfg"}}
     assert session_of(llm.invoke("hi", config=configured)) == "cfg"
     assert session_of(llm.model_copy(update={"session_id": "field"}).invoke("hi")) == "field"
     assert (
         session_of(llm.model_copy(update={"session_id": "field"}).invoke("hi", config=configured))
         == "cfg"
     )
-    thread = {"configurable": {"thread_id": "t1", "checkpoint_ns": "model:1f2e3d"}}
+    thread: Any = {"configurable": {"thread_id": "t1", "checkpoint_ns": "model:1f2e3d"}}
     assert session_of(llm.invoke("hi", config=thread)) == "thread:t1|model"
     chunks = list(llm.stream("hi", config=thread))
     assert session_of(chunks[-1]) == "thread:t1|model"
@@ -427,10 +433,7 @@ def test_langgraph_thread_selects_session(llm: ChatInfLLM) -> None:
     first = graph.invoke({"messages": [HumanMessage("hi")]}, config)["messages"][-1]
     second = graph.invoke({"messages": [HumanMessage("again")]}, config)["messages"][-1]
     assert session_of(first) == session_of(second) == "thread:th|model"
-    assert (
-        second.usage_metadata["input_token_details"]["cache_read"]
-        == (first.usage_metadata["total_tokens"])
-    )
+    assert cache_read(second) == (usage(first)["total_tokens"])
 
 
 def test_token_store_lru_and_fingerprints() -> None:
@@ -513,7 +516,7 @@ async def test_async_generation_does_not_block_the_event_loop(llm: ChatInfLLM) -
 async def test_astream_abandoned_leaves_session_consistent(
     llm: ChatInfLLM, engine: InfLLMEngine
 ) -> None:
-    stream = llm.astream("go", session_id="abandon", max_tokens=40)
+    stream: Any = llm.astream("go", session_id="abandon", max_tokens=40)
     await stream.__anext__()
     await stream.aclose()
     result = await llm.ainvoke("go", session_id="abandon")  # waits for the worker's lock
@@ -547,7 +550,7 @@ def test_retrieval_summary_event_on_the_model_run(llm: ChatInfLLM) -> None:
     assert run_id == handler.llm_runs[0]
     assert payload["retrievals"] > 0 and payload["blocks_retrieved"] > 0
     assert payload["session_id"] == DEFAULT_SESSION_ID
-    assert payload["tokens_computed"] == result.usage_metadata["input_tokens"]  # type: ignore[index]
+    assert payload["tokens_computed"] == usage(result)["input_tokens"]
     assert payload["top_blocks"][0]["span"][1] > payload["top_blocks"][0]["span"][0]
     json.dumps(payload)
     summary = result.response_metadata["infllm"]
@@ -591,14 +594,14 @@ def test_tool_calls_are_parsed(sllm: ChatInfLLM, scripted: list[str]) -> None:
             "type": "tool_call",
         }
     ]
-    assert len(result.tool_calls[0]["id"]) == 9
+    assert len(result.tool_calls[0]["id"] or "") == 9
     assert result.response_metadata["finish_reason"] == "tool_calls"
     assert result.content == ""
 
 
 def test_tool_calls_stream_as_chunks(sllm: ChatInfLLM, scripted: list[str]) -> None:
     scripted.append("Let me check.\n" + CALL)
-    chunks = list(sllm.bind_tools([get_weather]).stream("weather in Paris?"))
+    chunks: list[Any] = list(sllm.bind_tools([get_weather]).stream("weather in Paris?"))
     assert any(c.tool_call_chunks for c in chunks)
     full = chunks[0]
     for chunk in chunks[1:]:
@@ -614,7 +617,7 @@ def test_malformed_tool_call_becomes_invalid(sllm: ChatInfLLM, scripted: list[st
     result = sllm.bind_tools([get_weather]).invoke("weather?")
     assert result.tool_calls == []
     assert result.invalid_tool_calls and result.invalid_tool_calls[0]["name"] == "get_weather"
-    chunks = list(sllm.bind_tools([get_weather]).stream("weather?"))
+    chunks: list[Any] = list(sllm.bind_tools([get_weather]).stream("weather?"))
     full = chunks[0]
     for chunk in chunks[1:]:
         full = full + chunk
@@ -725,12 +728,7 @@ def test_tool_call_history_is_spliced(sllm: ChatInfLLM, scripted: list[str]) -> 
     call = model.invoke([question], session_id="tools")
     result = ToolMessage("It is sunny in Paris.", tool_call_id=call.tool_calls[0]["id"])
     answer = model.invoke([question, call, result], session_id="tools")
-    assert (
-        answer.usage_metadata["input_token_details"]["cache_read"]
-        == (  # type: ignore[index]
-            call.usage_metadata["total_tokens"]  # type: ignore[index]
-        )
-    )
+    assert cache_read(answer) == (usage(call)["total_tokens"])
     assert answer.text == "It is sunny."
 
 
@@ -773,9 +771,9 @@ async def test_structured_output_async_and_include_raw(
     sllm: ChatInfLLM, scripted: list[str]
 ) -> None:
     scripted.extend(['name": "Bo", "age": 5}}\n</tool_call>'])
-    raw = await sllm.with_structured_output(Person, include_raw=True).ainvoke("Bo is 5")
-    assert raw["parsed"] == Person(name="Bo", age=5)  # type: ignore[index]
-    assert isinstance(raw["raw"], AIMessage)  # type: ignore[index]
+    raw: Any = await sllm.with_structured_output(Person, include_raw=True).ainvoke("Bo is 5")
+    assert raw["parsed"] == Person(name="Bo", age=5)
+    assert isinstance(raw["raw"], AIMessage)
 
 
 # ----------------------------------------------------------------------------- tokens
@@ -786,6 +784,6 @@ def test_token_counts_use_the_model_tokenizer(llm: ChatInfLLM, qwen_tokenizer: A
     messages = [SystemMessage("s"), HumanMessage("hello")]
     counted = llm.get_num_tokens_from_messages(messages)
     result = llm.invoke(messages)
-    assert counted == result.usage_metadata["input_tokens"]  # type: ignore[index]
+    assert counted == usage(result)["input_tokens"]
     with_tools = llm.get_num_tokens_from_messages(messages, tools=[get_weather])
     assert with_tools > counted
