@@ -659,16 +659,23 @@ class ChatInfLLM(BaseChatModel):
     ) -> _Plan:
         """Validate the call and render its prompt; touches no session."""
         stops = _validate_stop(stop if stop is not None else self.stop, "stop")
-        temperature = float(kwargs.get("temperature", self.temperature))
+
+        def option(name: str) -> Any:
+            value = kwargs.get(name)
+            return getattr(self, name) if value is None else value
+
+        temperature = float(option("temperature"))
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
-        top_p = float(kwargs.get("top_p", self.top_p))
+        top_p = float(option("top_p"))
         if not 0.0 < top_p <= 1.0:
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        max_tokens = kwargs.get("max_tokens", self.max_tokens)
+        max_tokens = option("max_tokens")
         if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
             raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        seed = kwargs.get("seed", self.seed)
+        seed = option("seed")
+        if seed is not None and not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
         tools: list[dict[str, Any]] | None = kwargs.get("tools") or None
         if tools is not None:
             tools = [convert_to_openai_tool(t) for t in tools]
@@ -698,18 +705,17 @@ class ChatInfLLM(BaseChatModel):
                     choices.append((text, renderer.encode(text)))
                     opening = _args_opening(tool)
                     openings[text] = (opening, renderer.encode(text + opening))
-                # Until scored, count the longest candidate against the context limit.
-                prefill_text = max((c[0] for c in choices), key=len)
         prefill_ids = renderer.encode(prefill_text)
-
-        n_input = len(prompt.token_ids) + len(prefill_ids) + 2
+        # Before scoring, the longest candidate prefill counts against the limit.
+        n_prefill = max((len(ids) for _, ids in openings.values()), default=len(prefill_ids))
+        n_input = len(prompt.token_ids) + n_prefill
         budget = max_tokens if max_tokens is not None else DEFAULT_MAX_NEW_TOKENS
         limit = self.resolved_config.max_context
         if limit is not None:
             if n_input >= limit:
                 raise ValueError(
-                    f"prompt is {n_input} tokens; max_context is {limit} "
-                    "(shorten the conversation or raise max_context)"
+                    f"prompt is {n_input} tokens and max_context is {limit}, which leaves no "
+                    "room to generate (shorten the conversation or raise max_context)"
                 )
             budget = min(budget, limit - n_input)
 
@@ -766,9 +772,8 @@ class ChatInfLLM(BaseChatModel):
             began = time.perf_counter()
             if plan.prefill_choices:
                 step = session.sync(plan.prompt.token_ids)
-                self._choose_prefill(session, plan, step.logits)
-                final = session.sync(plan.input_ids)
-                outcome.scored_tokens = int(final.computed_tokens)
+                outcome.scored_tokens = self._choose_prefill(session, plan, step.logits)
+                session.sync(plan.input_ids)
             else:
                 step = session.sync(plan.input_ids)
             outcome.prefill_seconds = time.perf_counter() - began
@@ -825,19 +830,21 @@ class ChatInfLLM(BaseChatModel):
         outcome.done = True
 
     @staticmethod
-    def _choose_prefill(session: Any, plan: _Plan, logits: Any) -> None:
+    def _choose_prefill(session: Any, plan: _Plan, logits: Any) -> int:
         """Forced call among several tools: pick the name the model finds most likely.
 
         Each candidate prefill (the call opening with one tool's name) is scored by its
         log-probability after the prompt; the candidates share the prompt, so scoring
-        costs only their own few tokens.
+        costs only their own few tokens. Returns the number of tokens computed to score.
         """
         import torch
 
         base = list(plan.prompt.token_ids)
         best_text, best_score = plan.prefill_choices[0][0], -float("inf")
+        computed = 0
         for text, ids in plan.prefill_choices:
-            session.sync(base)  # truncates back to the prompt; nothing before is recomputed
+            # Back to the prompt: a truncation, then the last prompt token recomputed.
+            computed += int(session.sync(base).computed_tokens)
             current = logits
             score = 0.0
             for position, token in enumerate(ids):
@@ -847,11 +854,13 @@ class ChatInfLLM(BaseChatModel):
                 score += float(logprobs[token])
                 if position + 1 < len(ids):
                     current = session.append([token]).logits
+                    computed += 1
             if score > best_score:
                 best_text, best_score = text, score
         opening, ids = plan.args_openings[best_text]
         plan.prefill_text = best_text + opening
         plan.prefill_ids = ids
+        return computed
 
     @staticmethod
     def _find_stop(text: str, stops: Sequence[str]) -> int | None:
