@@ -17,7 +17,9 @@ argument). Two properties matter more than the exact text:
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -208,6 +210,28 @@ def _tool_format(template: str, supports_tools: bool) -> str:
 # ----------------------------------------------------------------------------- render
 
 
+def _stable_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+
+
+class _PrefixHasher:
+    """sha256 of growing prefixes of one text; each character is hashed once."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self._hasher = hashlib.sha256()
+        self._upto = 0
+
+    def digest(self, length: int) -> str | None:
+        """Digest of ``text[:length]``; None for a length behind the last one asked or
+        past the end (prefixes are asked for in increasing order)."""
+        if length < self._upto or length > len(self.text):
+            return None
+        self._hasher.update(self.text[self._upto : length].encode())
+        self._upto = length
+        return self._hasher.copy().hexdigest()
+
+
 @dataclass
 class RenderedPrompt:
     """Token ids for one call and how they were put together."""
@@ -236,6 +260,8 @@ class PromptRenderer:
         self.template_supports_tools = "tools" in str(template)
         self.tool_format = _tool_format(str(template), self.template_supports_tools)
         self.end_of_turn_ids = tuple(dict.fromkeys(int(i) for i in end_of_turn_ids))
+        self.max_cached_regions = 100_000
+        self._regions: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
         self._end_of_turn_texts = [
             text
             for text in (tokenizer.convert_ids_to_tokens(int(i)) for i in self.end_of_turn_ids)
@@ -296,7 +322,12 @@ class PromptRenderer:
         spans: list[tuple[int, int]] = []
         spliced_tokens = 0
         pos = 0
+        # Rolling digest of the message prefix (the cache key of a turn's boundaries) and
+        # a running hash of `full`, which verifies cached boundaries in linear time.
+        chain = hashlib.sha256(_stable_json(list(tools or [])).encode())
+        prefix = _PrefixHasher(full)
         for index, message in enumerate(messages):
+            chain.update(_stable_json(dicts[index]).encode())
             if not isinstance(message, AIMessage) or lookup is None:
                 continue
             generated = lookup(message)
@@ -304,7 +335,7 @@ class PromptRenderer:
                 continue
             # Cuts happen only at spliced turns; the text between cuts is tokenized in one
             # piece, so the same conversation prefix always yields the same ids.
-            region = self._assistant_region(dicts, index, tools, full)
+            region = self._assistant_region(dicts, index, tools, chain.hexdigest(), prefix)
             if region is None or region[0] < pos:
                 continue
             start, end = region
@@ -331,20 +362,36 @@ class PromptRenderer:
         dicts: Sequence[Mapping[str, Any]],
         index: int,
         tools: Sequence[Mapping[str, Any]] | None,
-        full: str,
+        key: str,
+        prefix: _PrefixHasher,
     ) -> tuple[int, int] | None:
-        """Character span of assistant turn ``index`` in ``full``: from the end of the
-        generation prompt to the end of the turn, if the template renders it that way."""
+        """Character span of assistant turn ``index`` in the full rendering: from the end
+        of the generation prompt to the end of the turn, if the template renders it so.
+
+        Boundaries are cached by a digest of ``dicts[: index + 1]`` (and the tools); a
+        cached entry is used only if the full rendering really starts with the text it
+        was computed from, so a template whose output changes (dates, ...) is re-rendered.
+        """
         if index == 0:
             return None
+        cached = self._regions.get(key)
+        if cached is not None:
+            self._regions.move_to_end(key)
+            before_len, through_len, through_digest = cached
+            if prefix.digest(through_len) == through_digest:
+                return before_len, through_len
         try:
             before = self.apply(dicts[:index], tools, add_generation_prompt=True)
             through = self.apply(dicts[: index + 1], tools, add_generation_prompt=False)
         except PromptError:
             return None
-        if not (
-            len(before) <= len(through) and through.startswith(before) and full.startswith(through)
-        ):
+        if not (len(before) <= len(through) and through.startswith(before)):
+            return None
+        digest = hashlib.sha256(through.encode()).hexdigest()
+        self._regions[key] = (len(before), len(through), digest)
+        while len(self._regions) > self.max_cached_regions:
+            self._regions.popitem(last=False)
+        if prefix.digest(len(through)) != digest:
             return None
         return len(before), len(through)
 

@@ -787,3 +787,32 @@ def test_token_counts_use_the_model_tokenizer(llm: ChatInfLLM, qwen_tokenizer: A
     assert counted == usage(result)["input_tokens"]
     with_tools = llm.get_num_tokens_from_messages(messages, tools=[get_weather])
     assert with_tools > counted
+
+
+def test_renderer_boundary_cache_matches_fresh_renders(qwen_tokenizer: Any) -> None:
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    store = GeneratedTokenStore()
+    messages: list[Any] = [SystemMessage("system"), HumanMessage("go")]
+    for i in range(6):
+        call = AIMessage(
+            "", tool_calls=[{"name": "add", "args": {"a": i, "b": 1}, "id": f"c{i}"}], id=f"m{i}"
+        )
+        store.remember(call, [*qwen_tokenizer.encode(f"call {i}"), end])
+        messages += [call, ToolMessage(str(i + 1), tool_call_id=f"c{i}")]
+    tools = [convert_to_openai_tool(add)]
+    cached = PromptRenderer(qwen_tokenizer, [end])
+    first = cached.render(messages, tools, store.lookup)
+    second = cached.render(messages, tools, store.lookup)
+    fresh = PromptRenderer(qwen_tokenizer, [end]).render(messages, tools, store.lookup)
+    assert first.token_ids == second.token_ids == fresh.token_ids
+    assert second.spliced_messages == 6
+    # A history edited in the middle misses the cache for later turns and still renders right.
+    edited = [*messages[:3], ToolMessage("changed", tool_call_id="c0"), *messages[4:]]
+    again = cached.render(edited, tools, store.lookup)
+    assert (
+        again.token_ids
+        == PromptRenderer(qwen_tokenizer, [end]).render(edited, tools, store.lookup).token_ids
+    )
+    assert "changed" in again.text
