@@ -103,7 +103,6 @@ def read_manifest(path: Path) -> dict[str, Any]:
 
 def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Session:
     """Rebuild a session from `path`; raises `SessionFileError` and leaves `engine` as it was."""
-    from langchain_infllm.engine.session import Session
 
     manifest = read_manifest(path)
     version = manifest.get("format_version")
