@@ -14,16 +14,13 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from langchain_core.callbacks import (
-    AsyncCallbackManager,
     AsyncCallbackManagerForLLMRun,
-    CallbackManager,
     CallbackManagerForLLMRun,
 )
 from langchain_core.exceptions import OutputParserException
@@ -46,6 +43,7 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
+from langchain_infllm import tracing
 from langchain_infllm.chat_prompt import PromptRenderer, RenderedPrompt
 from langchain_infllm.chat_sessions import (
     GeneratedTokenStore,
@@ -275,44 +273,26 @@ def _normalize_tool_choice(choice: Any, names: Sequence[str]) -> str | None:
 
 
 def summarize_retrievals(records: Sequence[RetrievalRecord], top: int = 8) -> dict[str, Any]:
-    """Per-call digest of retrieval records: counts, cache counters, most recalled blocks."""
-    blocks: Counter[int] = Counter()
-    spans: dict[int, tuple[int, int]] = {}
-    layers: set[int] = set()
-    hits = misses = copied = 0
-    for record in records:
-        layers.add(int(record.layer))
-        hits += int(record.hits)
-        misses += int(record.misses)
-        copied += int(record.bytes_copied)
-        for block, span in zip(record.block_ids, record.block_spans, strict=False):
-            blocks[int(block)] += 1
-            spans[int(block)] = (int(span[0]), int(span[1]))
+    """Per-call digest of retrieval records, in this event's payload shape.
+
+    The counting is `tracing.summarize_retrievals`; top blocks carry both `span` and the
+    `start`/`end` the trace handler reads.
+    """
+    digest = tracing.summarize_retrievals(records, max_blocks=top)
     return {
-        "retrievals": len(records),
-        "layers": len(layers),
-        "blocks_retrieved": sum(blocks.values()),
-        "unique_blocks": len(blocks),
-        "cache_hits": hits,
-        "cache_misses": misses,
-        "bytes_copied": copied,
+        "retrievals": digest["retrievals"],
+        "layers": digest["layers_seen"],
+        "blocks_retrieved": digest["blocks_selected"],
+        "unique_blocks": digest["unique_blocks"],
+        "cache_hits": digest["cache_hits"],
+        "cache_misses": digest["cache_misses"],
+        "bytes_copied": digest["bytes_copied"],
         "top_blocks": [
-            {"block": block, "span": list(spans[block]), "count": count}
-            for block, count in blocks.most_common(top)
+            {**{k: b[k] for k in ("block", "start", "end", "count")},
+             "span": [b["start"], b["end"]]}
+            for b in digest["top_blocks"]
         ],
     }
-
-
-def _callback_manager(run_manager: CallbackManagerForLLMRun) -> CallbackManager:
-    return CallbackManager(
-        handlers=run_manager.handlers,
-        inheritable_handlers=run_manager.inheritable_handlers,
-        parent_run_id=run_manager.parent_run_id,
-        tags=run_manager.tags,
-        inheritable_tags=run_manager.inheritable_tags,
-        metadata=run_manager.metadata,
-        inheritable_metadata=run_manager.inheritable_metadata,
-    )
 
 
 def _emit_retrieval_events(
@@ -321,12 +301,8 @@ def _emit_retrieval_events(
     step_info: Mapping[str, Any],
 ) -> None:
     """Report this call's retrievals as a custom event on the model's own run."""
-    if run_manager is None:
-        return
     payload = {**step_info, **summarize_retrievals(records)}
-    _callback_manager(run_manager).on_custom_event(
-        RETRIEVAL_EVENT, payload, run_id=run_manager.run_id
-    )
+    tracing.emit_trace_events(run_manager, [(RETRIEVAL_EVENT, payload)])
 
 
 async def _aemit_retrieval_events(
@@ -335,19 +311,8 @@ async def _aemit_retrieval_events(
     step_info: Mapping[str, Any],
 ) -> None:
     """Async twin of ``_emit_retrieval_events``."""
-    if run_manager is None:
-        return
     payload = {**step_info, **summarize_retrievals(records)}
-    manager = AsyncCallbackManager(
-        handlers=run_manager.handlers,
-        inheritable_handlers=run_manager.inheritable_handlers,
-        parent_run_id=run_manager.parent_run_id,
-        tags=run_manager.tags,
-        inheritable_tags=run_manager.inheritable_tags,
-        metadata=run_manager.metadata,
-        inheritable_metadata=run_manager.inheritable_metadata,
-    )
-    await manager.on_custom_event(RETRIEVAL_EVENT, payload, run_id=run_manager.run_id)
+    await tracing.aemit_trace_events(run_manager, [(RETRIEVAL_EVENT, payload)])
 
 
 # ============================================================================ model

@@ -36,13 +36,13 @@ def _oracle_attention(
     n_local, n_init, bs = plan["n_local"], plan["n_init"], plan["block_size"]
     rotary = plan["rotary"]
     length = query.shape[2]
-    pos = torch.arange(length)[None]
-    cos, sin = rotary(value, pos)
+    # Rotary tables reach position n_local even when the sequence is shorter.
+    cos, sin = rotary(value, torch.arange(max(length, n_local + 1))[None])
     # Position ids were zero, so q/k are raw (times the rope attention scaling s, which
     # cos/sin below also carry): rescale to avoid counting s twice.
     s = rotary.attention_scaling
     q_raw, k_raw = query / s, key / s
-    q_near, k_near = apply_rotary_pos_emb(q_raw, k_raw, cos, sin)
+    q_near, k_near = apply_rotary_pos_emb(q_raw, k_raw, cos[:, :length], sin[:, :length])
     far_cos = cos[:, n_local : n_local + 1].expand(-1, length, -1)
     far_sin = sin[:, n_local : n_local + 1].expand(-1, length, -1)
     q_far, _ = apply_rotary_pos_emb(q_raw, q_raw, far_cos, far_sin)
@@ -62,7 +62,9 @@ def _oracle_attention(
     return (probs @ v).transpose(1, 2), None
 
 
-def _far_allowed(plan: dict[str, Any], layer: int, length: int, n_init: int, bs: int) -> torch.Tensor:
+def _far_allowed(
+    plan: dict[str, Any], layer: int, length: int, n_init: int, bs: int
+) -> torch.Tensor:
     """[length, length] bool: far key j may be attended by query i (ignoring distance)."""
     allowed = torch.ones(length, length, dtype=torch.bool)
     chunks = plan.get("chunks")

@@ -271,7 +271,10 @@ def test_block_cache_evicts_least_recently_used_and_never_a_needed_block() -> No
     k, v = _blocks(10), _blocks(10)
 
     def fetch(uids: list[int]) -> torch.Tensor:
-        keys, values = cache.fetch(uids, [k[u] for u in uids], [v[u] for u in uids]).gather()
+        key_parts, value_parts = cache.fetch(
+            uids, [k[u] for u in uids], [v[u] for u in uids]
+        ).gather()
+        keys, values = torch.cat(key_parts, dim=1), torch.cat(value_parts, dim=1)
         assert torch.equal(keys, torch.cat([k[u] for u in uids], dim=1))
         assert torch.equal(values, torch.cat([v[u] for u in uids], dim=1))
         return keys

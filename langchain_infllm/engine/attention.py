@@ -158,8 +158,8 @@ def attend_chunk(
     mem_v_parts = [memory.init_v]
     if pending is not None:
         blk_k, blk_v = pending.gather()
-        mem_k_parts.append(blk_k)
-        mem_v_parts.append(blk_v)
+        mem_k_parts.extend(blk_k)
+        mem_v_parts.extend(blk_v)
     mem_k_parts.append(tail_k[:, :n_rem])
     mem_v_parts.append(tail_v[:, :n_rem])
     mem_k = torch.cat(mem_k_parts, dim=1)

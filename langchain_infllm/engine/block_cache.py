@@ -35,12 +35,15 @@ class PendingFetch:
         self._slots = slots
         self._event = event
 
-    def gather(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Concatenate the blocks' K and V along the token axis: `[kv_heads, n*block, dim]`."""
+    def gather(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The blocks' resident K and V, `[kv_heads, block, dim]` each, in request order.
+
+        Returned as lists so the caller concatenates them once with its other keys.
+        """
         if self._event is not None:
             torch.cuda.current_stream().wait_event(self._event)
-        keys = torch.cat([self._cache.slot_k[s] for s in self._slots], dim=1)
-        values = torch.cat([self._cache.slot_v[s] for s in self._slots], dim=1)
+        keys = [self._cache.slot_k[s] for s in self._slots]
+        values = [self._cache.slot_v[s] for s in self._slots]
         return keys, values
 
 
