@@ -114,6 +114,7 @@ class InfLLMConfig(BaseModel):
     @classmethod
     def from_mapping(cls, raw: dict[str, Any], source: str = "<mapping>") -> InfLLMConfig:
         """Build from the reference layout or a flat mapping of fields."""
+        _check_keys(raw, source, "")
         if "model" not in raw:
             return _with_source(source, lambda: cls.create(**raw))
         unknown_top = set(raw) - _REFERENCE_TOP_LEVEL - {"infllm"}
@@ -122,6 +123,7 @@ class InfLLMConfig(BaseModel):
         model = raw["model"]
         if not isinstance(model, dict):
             raise ConfigError(f"{source}: `model` must be a mapping")
+        _check_keys(model, source, "model.")
         kind = model.get("type", "inf-llm")
         if kind != "inf-llm":
             raise ConfigError(f"{source}: model.type is {kind!r}; only 'inf-llm' is supported")
@@ -141,13 +143,14 @@ class InfLLMConfig(BaseModel):
             values[key] = value
         if "chunk_size" in raw:
             values["chunk_size"] = raw["chunk_size"]
-        max_len = raw.get("max_len")
-        if max_len is not None and int(max_len) < 2**31 - 1:
+        max_len = _max_len(raw.get("max_len"), source)
+        if max_len is not None and max_len < 2**31 - 1:
             values.setdefault("max_context", max_len)
         # Our own additions may live under a top-level `infllm:` section.
         extra = raw.get("infllm") or {}
         if not isinstance(extra, dict):
             raise ConfigError(f"{source}: `infllm` must be a mapping")
+        _check_keys(extra, source, "infllm.")
         values.update(extra)
         return _with_source(source, lambda: cls.create(**values))
 
@@ -166,6 +169,31 @@ def model_path_from_yaml(path: str | Path) -> str | None:
         value = raw["model"].get("path")
         return str(value) if value else None
     return None
+
+
+def _check_keys(mapping: dict[Any, Any], source: str, prefix: str) -> None:
+    """YAML allows non-string keys (`1: 2`); no InfLLM setting is named by one."""
+    bad = [key for key in mapping if not isinstance(key, str)]
+    if bad:
+        raise ConfigError(
+            f"{source}: {prefix}{bad[0]!r}: unknown key (setting names are strings, "
+            f"got {type(bad[0]).__name__})"
+        )
+
+
+def _max_len(value: Any, source: str) -> int | None:
+    """The reference's `max_len`: an integer token count (2**31 - 1 means unlimited)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConfigError(f"{source}: max_len: must be an integer, got {value!r}")
+    try:
+        number = float(value) if isinstance(value, float) else int(value)
+    except ValueError:
+        raise ConfigError(f"{source}: max_len: must be an integer, got {value!r}") from None
+    if isinstance(number, float) and not number.is_integer():
+        raise ConfigError(f"{source}: max_len: must be an integer, got {value!r}")
+    return int(number)
 
 
 def _with_source(source: str, build: Any) -> InfLLMConfig:

@@ -166,25 +166,32 @@ def test_missing_yaml_file(tmp_path: Path) -> None:
         InfLLMConfig.from_yaml(tmp_path / "absent.yaml")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="config bug: from_mapping passes non-string YAML keys "
-    "to create(**values) (TypeError) and int()s max_len unchecked (ValueError)",
-)
 @pytest.mark.parametrize(
-    "text",
+    ("text", "field"),
     [
-        "1: 2\n",
-        "model:\n  type: inf-llm\n  3: 4\n",
-        REFERENCE.replace("max_len: 2147483647", "max_len: lots"),
+        ("1: 2\n", "1"),
+        ("model:\n  type: inf-llm\n  3: 4\n", "model.3"),
+        (REFERENCE + "infllm:\n  7: 8\n", "infllm.7"),
+        (REFERENCE.replace("max_len: 2147483647", "max_len: lots"), "max_len"),
+        (REFERENCE.replace("max_len: 2147483647", "max_len: 1.5"), "max_len"),
+        (REFERENCE.replace("max_len: 2147483647", "max_len: [1]"), "max_len"),
     ],
-    ids=["int_key", "int_key_in_model", "max_len"],
+    ids=["int_key", "int_key_in_model", "int_key_in_infllm", "max_len", "max_len_float",
+         "max_len_list"],
 )
-def test_odd_yaml_values_raise_config_error(tmp_path: Path, text: str) -> None:
+def test_odd_yaml_values_raise_config_error(tmp_path: Path, text: str, field: str) -> None:
     path = write(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         InfLLMConfig.from_yaml(path)
-    assert str(path) in str(info.value)
+    message = str(info.value)
+    assert str(path) in message
+    rest = message.replace(str(path), "")  # the path may itself contain the digit
+    assert field in rest and ("key" in rest or "integer" in rest), rest
+
+
+def test_integral_max_len_still_sets_max_context(tmp_path: Path) -> None:
+    path = write(tmp_path, REFERENCE.replace("max_len: 2147483647", "max_len: 32000"))
+    assert InfLLMConfig.from_yaml(path).max_context == 32000
 
 
 @pytest.mark.parametrize("path", sorted(CONFIG_DIR.glob("*.yaml")), ids=lambda p: p.name)

@@ -466,12 +466,6 @@ def _continuation(session: Session, extra: list[int]) -> tuple[torch.Tensor, lis
     return logits, list(session.generate(6))
 
 
-LOAD_BUG = (
-    "engine bug: persistence._rebuild appends to block_uids before calling "
-    "_append_repr, so no snapshot holding a sealed block can be loaded"
-)
-
-
 @pytest.fixture
 def saved(tmp_path: Path) -> dict[str, Any]:
     """Two saved sessions of one engine: `path` holds sealed blocks, `short_path` only sinks
@@ -500,7 +494,6 @@ def saved(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-@pytest.mark.xfail(strict=True, reason=LOAD_BUG)
 def test_save_load_round_trip_same_engine(saved: dict[str, Any]) -> None:
     engine, session, path = saved["engine"], saved["session"], saved["path"]
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "tensors.safetensors"]
@@ -518,7 +511,6 @@ def test_save_load_round_trip_same_engine(saved: dict[str, Any]) -> None:
     torch.testing.assert_close(got[0], expected, atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(strict=True, reason=LOAD_BUG)
 def test_save_load_into_second_engine_with_same_weights(saved: dict[str, Any]) -> None:
     other, _ = make_engine("qwen2", seed=9)  # same weights, separate engine and caches
     loaded = other.load_session(saved["path"], session_id="beta")
@@ -624,7 +616,11 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, str]] = {
         "JSON object",
         "path",
     ),
-    "newer_format": (_edit_manifest(_set("format_version", value=2)), "newer", "path"),
+    "newer_format": (
+        _edit_manifest(_set("format_version", value=persistence.FORMAT_VERSION + 1)),
+        "newer",
+        "path",
+    ),
     "missing_format": (_edit_manifest(lambda m: m.pop("format_version")), "format version", "path"),
     "other_config_fingerprint": (
         _edit_manifest(_set("engine", "config_fingerprint", value="0" * 16)),
@@ -668,11 +664,6 @@ def test_damaged_snapshot_is_refused_and_engine_stays_usable(
     _assert_engine_still_usable(saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a manifest whose `engine` entry is not a "
-    "mapping raises AttributeError, not SessionFileError (persistence.py)",
-)
 @pytest.mark.parametrize("value", ["x", 5, None, [1]])
 def test_manifest_with_wrong_engine_type_is_refused(saved: dict[str, Any], value: Any) -> None:
     target = _copy_snapshot(saved, "bad_engine", "short_path")
@@ -682,11 +673,6 @@ def test_manifest_with_wrong_engine_type_is_refused(saved: dict[str, Any], value
     _assert_engine_still_usable(saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: the manifest (token ids, layer layout) "
-    "is not covered by any checksum, so a flipped digit loads silently",
-)
 def test_flipped_token_id_in_manifest_is_refused(saved: dict[str, Any]) -> None:
     """One flipped byte in the manifest's token ids would make the session lie about its
     memory: `sync` would then reuse K/V computed for other tokens."""
@@ -696,11 +682,6 @@ def test_flipped_token_id_in_manifest_is_refused(saved: dict[str, Any]) -> None:
         saved["engine"].load_session(target)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: _rebuild does not check the manifest's "
-    "token ids against the vocabulary (Session._validate_ids is bypassed)",
-)
 def test_out_of_vocab_token_id_in_manifest_is_refused(saved: dict[str, Any]) -> None:
     target = _copy_snapshot(saved, "out_of_vocab", "short_path")
     _edit_manifest(lambda m: m["token_ids"].__setitem__(0, VOCAB + 5))(target)
@@ -723,11 +704,6 @@ def test_snapshot_from_another_model_is_refused(
     _assert_engine_still_usable(saved)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: weights_fingerprint hashes only the "
-    "embedding and final norm, so a model differing in its blocks passes",
-)
 def test_snapshot_from_model_with_other_layer_weights_is_refused(saved: dict[str, Any]) -> None:
     """A fine-tune that leaves embeddings and final norm alone is still another model."""
     model, _ = tiny_pair("qwen2", seed=9)
@@ -782,7 +758,6 @@ def test_crash_during_save_keeps_previous_snapshot(
     assert persistence.read_manifest(path)["token_ids"] == session.token_ids
 
 
-@pytest.mark.xfail(strict=True, reason=LOAD_BUG)
 def test_snapshot_left_by_a_crashed_save_still_loads(
     saved: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -798,11 +773,6 @@ def test_snapshot_left_by_a_crashed_save_still_loads(
     assert_same_state(state(loaded), saved["state"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: if the second os.replace in _replace_dir "
-    "fails, the old snapshot stays at .<name>.old and <name> is gone",
-)
 def test_failed_rename_keeps_previous_snapshot(
     saved: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -844,7 +814,6 @@ def _fill(session: Session, rng: random.Random, n: int) -> None:
     feed(session, rand_ids(rng, n), rng)
 
 
-@pytest.mark.xfail(strict=True, reason=LOAD_BUG + " (a spill is a snapshot)")
 def test_store_spills_lru_and_reloads_losslessly(tmp_path: Path) -> None:
     probe, _ = make_engine(seed=15)
     rng = random.Random(15)
@@ -882,12 +851,6 @@ def test_store_spills_lru_and_reloads_losslessly(tmp_path: Path) -> None:
     assert engine.session("d").token_ids == histories["d"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: a spill detaches the Session object a "
-    "caller already holds; its later appends are lost to engine.session(id) "
-    "(and " + LOAD_BUG + ")",
-)
 def test_spill_does_not_lose_appends_made_through_a_held_handle(tmp_path: Path) -> None:
     probe, _ = make_engine(seed=16)
     sample = probe.new_session()
@@ -1019,12 +982,6 @@ def test_store_under_concurrent_get_or_create() -> None:
         )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: Session._generate samples from "
-    "last_logits outside the session lock, so an append from another thread "
-    "can slip in between and the token is appended after a context it never saw",
-)
 def test_generate_step_is_atomic_against_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     engine, _ = make_engine(seed=19)
     rng = random.Random(19)
@@ -1151,12 +1108,6 @@ def test_exception_inside_forward_leaves_session_consistent(
     torch.testing.assert_close(session.last_logits, oracle(reference, ids)[-1], atol=ATOL, rtol=0)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="engine bug: the rollback after a failed forward "
-    "keeps the attention mass the failed queries added to tail_score, which "
-    "later becomes representative keys (session._forward / memory.truncate)",
-)
 def test_failed_forward_leaves_no_attention_mass_behind(monkeypatch: pytest.MonkeyPatch) -> None:
     engine, _ = make_engine(seed=22)
     rng = random.Random(22)

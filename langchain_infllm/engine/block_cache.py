@@ -165,6 +165,20 @@ class DeviceBlockCache:
         for uid in self._scores:
             self._scores[uid] *= keep
 
+    def score_state(self) -> dict[int, float] | None:
+        """A copy of the `lru-s` scores (None for plain LRU, which keeps none)."""
+        return dict(self._scores) if self.strategy == "lru-s" else None
+
+    def restore_score_state(self, state: dict[int, float] | None) -> None:
+        """Put back `score_state()` after a failed forward, for blocks still resident.
+
+        Blocks the failed forward copied in stay resident; they get no credit for a
+        retrieval whose result was thrown away.
+        """
+        if state is None:
+            return
+        self._scores = {uid: state.get(uid, 0.0) for uid in self._slot_of}
+
     def forget(self, uids: set[int]) -> None:
         """Drop blocks that no session references any more (their slots become reusable)."""
         for uid in uids:

@@ -6,6 +6,8 @@ import hashlib
 import itertools
 import logging
 import threading
+import weakref
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +95,9 @@ class InfLLMEngine:
         self._uids = itertools.count()
         self._uid_lock = threading.Lock()
         self.tokens_computed = 0  # every token that went through the model, all sessions
+        # Every session object alive, to know whether a dropped block is still referenced.
+        self._alive: weakref.WeakSet[Session] = weakref.WeakSet()
+        self._alive_lock = threading.Lock()
         self.sessions = SessionStore(self, spill_dir=spill_dir)
 
     # ----------------------------------------------------------- construction
@@ -138,6 +143,40 @@ class InfLLMEngine:
         return session
 
     # ------------------------------------------------------------- internals
+    def register_session(self, session: Session) -> None:
+        """Called by `Session.__init__`: the engine tracks (weakly) which sessions exist."""
+        with self._alive_lock:
+            self._alive.add(session)
+
+    def forget_blocks(
+        self, dropped: Sequence[Iterable[int]], owner: Session, *, model_locked: bool = False
+    ) -> None:
+        """Free the device cache slots of blocks `owner` no longer holds (per layer).
+
+        Blocks another session still references (a fork shares its parent's blocks) stay
+        cached. The caches are shared with running forwards, so this takes the model
+        lock unless the caller already holds it (`model_locked`).
+        """
+        per_layer = [set(uids) for uids in dropped]
+        if not any(per_layer):
+            return
+        with self._alive_lock:
+            others = [s for s in self._alive if s is not owner]
+        if model_locked:
+            self._forget_blocks(per_layer, others)
+        else:
+            with self.model_lock:
+                self._forget_blocks(per_layer, others)
+
+    def _forget_blocks(self, per_layer: list[set[int]], others: list[Session]) -> None:
+        for i, uids in enumerate(per_layer):
+            for other in others:
+                if not uids:
+                    break
+                uids.difference_update(other.block_uids(i))
+            if uids:
+                self.caches[i].forget(uids)
+
     def next_uid(self) -> int:
         with self._uid_lock:
             return next(self._uids)
@@ -172,15 +211,28 @@ class InfLLMEngine:
         }
 
     def weights_fingerprint(self) -> str:
-        """A cheap hash of a slice of the embedding and the final norm weights."""
+        """A hash that changes when any weight of the model changes; computed once.
+
+        Every parameter contributes its name, shape and dtype, the exact bytes of its
+        first and last rows, and three float64 reductions over all of its elements: the
+        sum, the sum of squares and a position-weighted sum (rounded to 12 significant
+        digits, so the same weights on another device or reduction order agree).
+
+        Trade-off: every weight is read once (a few milliseconds per GiB on a GPU, about
+        a second per GiB on a CPU, streamed in bounded chunks so no float64 copy of a
+        whole tensor is made) instead of hashing every byte, which would cost a full
+        device-to-host copy of the model. A scaled, shifted, fine-tuned or swapped
+        tensor changes at least one reduction; only a contrived edit that keeps all
+        three reductions of every tensor and its first and last rows (for instance two
+        interior elements swapped at positions of equal weight) would go unnoticed.
+        Weights modified after the first call are not seen (the value is cached).
+        """
         if not hasattr(self, "_fingerprint"):
             digest = hashlib.sha256()
-            embed = self.model.get_input_embeddings().weight  # type: ignore[operator]
-            sample = embed.detach().reshape(-1)[:65536].to(torch.float32).cpu()
-            digest.update(sample.numpy().tobytes())
-            norm = getattr(self.model.model, "norm", None)
-            if norm is not None and hasattr(norm, "weight"):
-                digest.update(norm.weight.detach().to(torch.float32).cpu().numpy().tobytes())
+            weights: dict[torch.device, torch.Tensor] = {}
+            with torch.no_grad():
+                for name, param in self.model.named_parameters():
+                    digest.update(_tensor_summary(name, param.detach(), weights).encode())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
@@ -195,3 +247,27 @@ class InfLLMEngine:
             * torch.tensor([], dtype=self.dtype).element_size()
         )
         return self.num_layers * self.config.max_cached_block * per_block
+
+
+_CHUNK = 1 << 22  # elements reduced at a time (32 MiB as float64)
+
+
+def _tensor_summary(name: str, t: torch.Tensor, weights: dict[torch.device, torch.Tensor]) -> str:
+    """`name|shape|dtype|rows|sum|sumsq|weighted` for `weights_fingerprint`."""
+    flat = t.reshape(-1)
+    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else flat.reshape(1, -1)
+    edge = hashlib.sha256()
+    for row in (rows[0], rows[-1]) if rows.numel() else ():
+        edge.update(row.contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    if t.device not in weights:
+        # 1..251 by position within a chunk: moving unequal elements changes the sum
+        weights[t.device] = (torch.arange(_CHUNK, device=t.device) % 251 + 1).to(torch.float64)
+    w = weights[t.device]
+    acc = torch.zeros(3, dtype=torch.float64, device=t.device)
+    for a in range(0, flat.numel(), _CHUNK):
+        part = flat[a : a + _CHUNK].to(torch.float64)
+        acc += torch.stack([part.sum(), part.square().sum(), part.dot(w[: part.numel()])])
+    return "|".join(
+        [name, str(tuple(t.shape)), str(t.dtype), edge.hexdigest()[:16]]
+        + [f"{x:.12e}" for x in acc.tolist()]
+    )

@@ -131,6 +131,33 @@ class LayerMemory:
         a = self._lo + (start - self.tail_start)
         self._tail_score[:, a : a + mass.shape[1]] += mass
 
+    def score_checkpoint(self, start: int, n_local: int) -> tuple[int, torch.Tensor]:
+        """Copy the tail scores that queries from position `start` on can still change.
+
+        A query at `q >= start` adds mass only to keys in `(q - n_local, q]`, so of the
+        tokens already held only those at `>= start - n_local + 1` can gain mass.
+        Returns `(position, scores [heads, n])` for `restore_scores`.
+        """
+        first = max(self.tail_start, start - n_local + 1, 0)
+        a = self._lo + (first - self.tail_start)
+        b = self._lo + (min(start, self.length) - self.tail_start)
+        return first, self._tail_score[:, a:max(a, b)].clone()
+
+    def restore_scores(self, checkpoint: tuple[int, torch.Tensor]) -> None:
+        """Put back the scores of `score_checkpoint` (the layer must hold those tokens
+        in its tail again, as it does after a rollback to the checkpoint's `start`)."""
+        first, scores = checkpoint
+        n = scores.shape[1]
+        if n == 0:
+            return
+        if first < self.tail_start or first + n > self.length:
+            raise RuntimeError(
+                f"cannot restore scores of [{first}, {first + n}): the tail holds "
+                f"[{self.tail_start}, {self.length})"
+            )
+        a = self._lo + (first - self.tail_start)
+        self._tail_score[:, a : a + n] = scores
+
     def _reserve(self, n: int) -> None:
         capacity = self._tail_k.shape[1]
         if self._hi + n <= capacity:

@@ -7,6 +7,7 @@ describes exactly what the memory of every layer holds.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 import time
 import uuid
@@ -18,6 +19,7 @@ import torch
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
 from langchain_infllm.engine.attention import InfLLMForwardContext
+from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord, StepResult
 from langchain_infllm.engine.sampling import sample_token
 
@@ -44,15 +46,34 @@ class Session:
         self.engine = engine
         self.session_id = session_id or uuid.uuid4().hex
         self.lock = threading.RLock()
-        self.layers = [engine.new_layer_memory() for _ in range(engine.num_layers)]
+        self._layers = [engine.new_layer_memory() for _ in range(engine.num_layers)]
+        self._spill_path: Path | None = None  # set while the memory lives on disk
+        self._spilled_blocks = 0
         self._tokens: list[int] = []
         self.last_logits: torch.Tensor | None = None
         self._retrievals: list[RetrievalRecord] = []
         self.trace_sink: Callable[[RetrievalRecord], None] | None = None
         self.totals = {"computed": 0, "reused": 0, "hits": 0, "misses": 0, "bytes_copied": 0}
         self.last_used = time.monotonic()
+        engine.register_session(self)
 
     # ------------------------------------------------------------------ views
+    @property
+    def layers(self) -> list[LayerMemory]:
+        """The per-layer memory; a spilled session is reloaded from disk first."""
+        if self._spill_path is not None:
+            self.ensure_resident()
+        return self._layers
+
+    @layers.setter
+    def layers(self, value: list[LayerMemory]) -> None:
+        self._layers = value
+
+    @property
+    def spilled(self) -> bool:
+        """True while the memory lives in a spill snapshot (see `SessionStore`)."""
+        return self._spill_path is not None
+
     @property
     def token_ids(self) -> list[int]:
         return list(self._tokens)
@@ -62,18 +83,29 @@ class Session:
 
     @property
     def n_blocks(self) -> int:
-        return self.layers[0].n_blocks if self.layers else 0
+        if self._spill_path is not None:
+            return self._spilled_blocks
+        return self._layers[0].n_blocks if self._layers else 0
 
     def device_bytes(self) -> int:
-        return sum(layer.device_bytes() for layer in self.layers)
+        """Device bytes held now (0 while spilled; never reloads)."""
+        return sum(layer.device_bytes() for layer in self._layers)
 
     def host_bytes(self) -> int:
-        return sum(layer.host_bytes() for layer in self.layers)
+        """Host bytes held now (0 while spilled; never reloads)."""
+        return sum(layer.host_bytes() for layer in self._layers)
+
+    def block_uids(self, layer: int) -> list[int]:
+        """Engine-wide ids of the sealed blocks this session holds in `layer` (none while
+        spilled; never reloads)."""
+        layers = self._layers
+        return list(layers[layer].block_uids) if layer < len(layers) else []
 
     def stats(self) -> dict[str, Any]:
         """Counters for this session (cumulative) and what it holds now."""
         return {
             "session_id": self.session_id,
+            "spilled": self.spilled,
             "tokens": len(self._tokens),
             "blocks": self.n_blocks,
             "tokens_computed": self.totals["computed"],
@@ -96,7 +128,16 @@ class Session:
     def append(self, token_ids: Iterable[int]) -> StepResult:
         """Process exactly these tokens (in chunks) and return the last one's logits."""
         ids = self._validate_ids(token_ids)
+        result = self._append(ids)
+        if result.computed_tokens:
+            # The session grew: the store may now be over its host budget. Other sessions
+            # are only try-locked there, so this cannot deadlock.
+            self.engine.sessions.note_growth(self)
+        return result
+
+    def _append(self, ids: list[int]) -> StepResult:
         with self.lock:
+            self.ensure_resident()
             self.last_used = time.monotonic()
             if not ids:
                 return StepResult(logits=self.last_logits, computed_tokens=0)
@@ -143,6 +184,13 @@ class Session:
         if not prompt:
             raise ValueError("cannot sync to an empty prompt")
         with self.lock:
+            limit = self.engine.config.max_context
+            if limit is not None and len(prompt) > limit:
+                # Checked before truncating: a refused prompt leaves the session untouched.
+                raise ContextLimitError(
+                    f"prompt of {len(prompt)} tokens; max_context is {limit}"
+                )
+            self.ensure_resident()
             common = _common_prefix(self._tokens, prompt)
             if common == len(prompt) == len(self._tokens) and self.last_logits is not None:
                 self.totals["reused"] += common
@@ -163,9 +211,29 @@ class Session:
                 raise ValueError(f"truncate({length}) outside [0, {len(self._tokens)}]")
             if length == len(self._tokens):
                 return
-            self._truncate_layers(length)
+            self.ensure_resident()
+            dropped = self._truncate_layers(length)
             del self._tokens[length:]
             self.last_logits = None
+            self.engine.forget_blocks(dropped, self)
+
+    def close(self) -> None:
+        """Empty the session and free what it holds, device cache slots included.
+
+        The object stays usable (as an empty session); blocks a fork still references
+        stay cached for the fork.
+        """
+        with self.lock:
+            if self._spill_path is not None:
+                shutil.rmtree(self._spill_path, ignore_errors=True)
+                self._spill_path = None
+                self._spilled_blocks = 0
+                engine = self.engine
+                self._layers = [engine.new_layer_memory() for _ in range(engine.num_layers)]
+                self._tokens.clear()
+                self.last_logits = None
+                return
+            self.truncate(0)
 
     def generate(
         self,
@@ -195,11 +263,16 @@ class Session:
         generator: torch.Generator | None,
     ) -> Iterator[int]:
         for _ in range(max_new_tokens):
-            logits = self.last_logits
-            if logits is None:
-                raise RuntimeError("nothing to continue from: append or sync a prompt first")
-            token = sample_token(logits, temperature, top_p, generator)
-            self.append([token])
+            # Read logits, sample and append under one lock hold, so no other thread's
+            # append can slip between the context a token was sampled from and the token.
+            # The lock is released before yielding: a paused consumer blocks nobody.
+            with self.lock:
+                self.ensure_resident()
+                logits = self.last_logits
+                if logits is None:
+                    raise RuntimeError("nothing to continue from: append or sync a prompt first")
+                token = sample_token(logits, temperature, top_p, generator)
+                self.append([token])
             yield token
             if token in stops:
                 return
@@ -207,6 +280,7 @@ class Session:
     def fork(self, session_id: str | None = None) -> Session:
         """An independent copy sharing the immutable sealed blocks with this session."""
         with self.lock:
+            self.ensure_resident()
             twin = Session(self.engine, session_id)
             twin.layers = [layer.clone() for layer in self.layers]
             twin._tokens = list(self._tokens)
@@ -218,7 +292,50 @@ class Session:
         from langchain_infllm.engine.persistence import save_session
 
         with self.lock:
+            self.ensure_resident()
             return save_session(self, Path(path))
+
+    # ------------------------------------------------------------- spilling
+    def spill_to(self, path: Path) -> None:
+        """Write the memory to the snapshot `path` and release it (the store calls this).
+
+        Tokens stay in memory; any later use reloads the memory first, so a caller that
+        holds this object never notices (apart from the time the reload takes).
+        """
+        with self.lock:
+            if self._spill_path is not None:
+                return
+            self.save(path)
+            dropped = [layer.block_uids for layer in self._layers]
+            self._spilled_blocks = self.n_blocks
+            self._spill_path = path
+            self._layers = []
+            self.last_logits = None
+            self.engine.forget_blocks(dropped, self)
+
+    def ensure_resident(self) -> None:
+        """Reload the memory of a spilled session; on failure it stays spilled (and loadable
+        again once the cause is fixed) and `SessionFileError` propagates."""
+        if self._spill_path is None:
+            return
+        from langchain_infllm.engine.persistence import SessionFileError, load_session
+
+        with self.lock:
+            path = self._spill_path
+            if path is None:
+                return
+            loaded = load_session(self.engine, path, self.session_id)
+            if loaded.token_ids != self._tokens:
+                raise SessionFileError(
+                    f"{path}: spill snapshot of session {self.session_id!r} holds other tokens"
+                )
+            self._layers, loaded._layers = loaded._layers, []
+            self.last_logits = loaded.last_logits
+            self._spill_path = None
+            self._spilled_blocks = 0
+            self.last_used = time.monotonic()
+            shutil.rmtree(path, ignore_errors=True)
+            logger.info("session %s reloaded from %s", self.session_id, path)
 
     # ------------------------------------------------------------- internals
     def _validate_ids(self, token_ids: Iterable[int]) -> list[int]:
@@ -239,10 +356,15 @@ class Session:
     def _out_of_window_end(self, length: int) -> int:
         return max(0, length - self.engine.config.n_local + 1)
 
-    def _truncate_layers(self, length: int) -> None:
+    def _truncate_layers(self, length: int) -> list[list[int]]:
+        """Truncate every layer; returns the uids of the blocks each layer dropped."""
         end = self._out_of_window_end(length)
-        for layer in self.layers:
+        dropped = []
+        for layer in self._layers:
+            before = list(layer.block_uids)
             layer.truncate(min(length, layer.length), end)
+            dropped.append(before[layer.n_blocks :])
+        return dropped
 
     def _forward_with_retry(self, ids: list[int], records: list[RetrievalRecord]) -> None:
         exc_size = self.engine.config.exc_block_size
@@ -290,8 +412,14 @@ class Session:
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
         position_ids = torch.zeros_like(input_ids)
-        try:
-            with engine.model_lock, torch.no_grad():
+        n_local = engine.config.n_local
+        with engine.model_lock, torch.no_grad():
+            # What a failed forward would leave behind besides the new tokens: attention
+            # mass on the window's keys (it picks representative keys later) and the
+            # lru-s scores of the shared block caches.
+            checkpoints = [layer.score_checkpoint(start, n_local) for layer in self._layers]
+            cache_scores = [cache.score_state() for cache in engine.caches]
+            try:
                 out = engine.model(
                     input_ids=input_ids,
                     position_ids=position_ids,
@@ -299,10 +427,16 @@ class Session:
                     logits_to_keep=1,
                     infllm_context=ctx,
                 )
-        except BaseException:
-            # Layers may have consumed part of the chunk: roll every one back to `start`.
-            self._truncate_layers(start)
-            raise
+            except BaseException:
+                # Layers may have consumed part of the chunk: roll every one back to
+                # `start`, then put back the scores the failed queries changed.
+                dropped = self._truncate_layers(start)
+                for layer, checkpoint in zip(self._layers, checkpoints, strict=True):
+                    layer.restore_scores(checkpoint)
+                for cache, scores in zip(engine.caches, cache_scores, strict=True):
+                    cache.restore_score_state(scores)
+                engine.forget_blocks(dropped, self, model_locked=True)
+                raise
         self._tokens.extend(ids)
         self.last_logits = out.logits[0, -1].to(torch.float32)
         engine.tokens_computed += len(ids)

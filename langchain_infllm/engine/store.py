@@ -1,14 +1,21 @@
 """Sessions by id, within a host-memory budget: the least recently used spill to disk.
 
-A spilled session is a normal snapshot (see `persistence`) in the spill folder; asking
-for its id loads it back, so spilling loses nothing.
+A spilled session keeps its `Session` object (and its token ids); only its memory goes
+to a normal snapshot (see `persistence`) in the spill folder and is released. Any use of
+the object, or asking the store for its id, loads the memory back, so spilling loses
+nothing, and a caller that holds the object keeps a valid handle.
+
+Locking: the store lock guards the id map only. Nothing waits on a session lock while
+holding the store lock: spilling only *tries* a session's lock and skips a session that
+is busy (a caller holds it), and reloading happens outside the store lock. A session
+may take the store lock while holding its own (after an append), never the reverse.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
-import shutil
 import tempfile
 import threading
 import time
@@ -27,67 +34,87 @@ class SessionStore:
 
     def __init__(self, engine: InfLLMEngine, spill_dir: str | Path | None = None) -> None:
         self._engine = engine
-        self._live: dict[str, Session] = {}
-        self._spilled: dict[str, Path] = {}
+        self._sessions: dict[str, Session] = {}  # live and spilled alike
         self._lock = threading.RLock()
+        self._enforcing = threading.Lock()  # one budget pass at a time
         self._spill_dir = Path(spill_dir) if spill_dir else None
 
     @property
     def spill_dir(self) -> Path:
-        if self._spill_dir is None:
-            self._spill_dir = Path(tempfile.mkdtemp(prefix="infllm-spill-"))
-        return self._spill_dir
+        with self._lock:
+            if self._spill_dir is None:
+                self._spill_dir = Path(tempfile.mkdtemp(prefix="infllm-spill-"))
+            return self._spill_dir
 
     def __contains__(self, session_id: str) -> bool:
-        return session_id in self._live or session_id in self._spilled
+        return session_id in self._sessions
+
+    def _all(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
 
     def live_ids(self) -> list[str]:
-        return list(self._live)
+        return [s.session_id for s in self._all() if not s.spilled]
 
     def spilled_ids(self) -> list[str]:
-        return list(self._spilled)
+        return [s.session_id for s in self._all() if s.spilled]
 
     def get_or_create(self, session_id: str) -> Session:
+        """The session with this id, its memory reloaded if it was spilled.
+
+        If the reload fails (`SessionFileError`), the session stays in the store, spilled,
+        and a later call tries again.
+        """
         from langchain_infllm.engine.session import Session
 
         with self._lock:
-            session = self._live.get(session_id)
-            if session is None and session_id in self._spilled:
-                path = self._spilled.pop(session_id)
-                session = self._engine.load_session(path)
-                session.session_id = session_id
-                shutil.rmtree(path, ignore_errors=True)
-                logger.info("session %s reloaded from %s", session_id, path)
+            session = self._sessions.get(session_id)
             if session is None:
                 session = Session(self._engine, session_id)
+                self._sessions[session_id] = session
             session.last_used = time.monotonic()
-            self._live[session_id] = session
-            self.enforce_budget(keep=session_id)
-            return session
+        session.ensure_resident()  # outside the store lock: it takes the session lock
+        self.enforce_budget(keep=session_id)
+        return session
 
     def put(self, session: Session) -> None:
+        """Store `session` under its id (an object stored before under that id is left
+        as it is for whoever still holds it)."""
         with self._lock:
-            self._spilled.pop(session.session_id, None)
-            self._live[session.session_id] = session
-            self.enforce_budget(keep=session.session_id)
+            self._sessions[session.session_id] = session
+        self.enforce_budget(keep=session.session_id)
 
     def drop(self, session_id: str) -> None:
+        """Forget the session: its memory, spill files and device cache slots are freed
+        (a caller still holding the object holds an empty session)."""
         with self._lock:
-            self._live.pop(session_id, None)
-            path = self._spilled.pop(session_id, None)
-            if path is not None:
-                shutil.rmtree(path, ignore_errors=True)
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            session.close()  # outside the store lock: it takes the session lock
+
+    def note_growth(self, session: Session) -> None:
+        """Called after `session` appended tokens: spill others if over budget."""
+        if self._engine.config.session_host_budget_bytes is None:
+            return
+        if self._sessions.get(session.session_id) is session:
+            self.enforce_budget(keep=session.session_id)
 
     def host_bytes(self) -> int:
-        return sum(s.host_bytes() for s in self._live.values())
+        return sum(s.host_bytes() for s in self._all() if not s.spilled)
 
     def enforce_budget(self, keep: str | None = None) -> None:
-        """Spill least recently used sessions until live host bytes fit the budget."""
+        """Spill least recently used sessions until live host bytes fit the budget.
+
+        Sessions that are busy (another caller holds their lock) are skipped, so the
+        store may stay over budget until they are free; it never waits for them.
+        """
         budget = self._engine.config.session_host_budget_bytes
         if budget is None:
             return
-        with self._lock:
-            by_age = sorted(self._live.values(), key=lambda s: s.last_used)
+        with self._enforcing:
+            by_age = sorted(
+                (s for s in self._all() if not s.spilled), key=lambda s: s.last_used
+            )
             for session in by_age:
                 if self.host_bytes() <= budget:
                     return
@@ -95,15 +122,26 @@ class SessionStore:
                     continue
                 self.spill(session.session_id)
 
-    def spill(self, session_id: str) -> Path:
-        """Write a live session to disk and drop it from memory."""
+    def spill(self, session_id: str) -> Path | None:
+        """Write a live session's memory to disk and release it.
+
+        Returns the snapshot folder, or None when the session is busy (its lock is held
+        by another thread) and was left alone.
+        """
         with self._lock:
-            session = self._live[session_id]
-            with session.lock:
-                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:80]
-                path = self.spill_dir / f"{safe}-{abs(hash(session_id)) % 10**8}"
-                session.save(path)
-                self._spilled[session_id] = path
-                del self._live[session_id]
-            logger.info("session %s spilled to %s", session_id, path)
-            return path
+            session = self._sessions[session_id]
+        if not session.lock.acquire(blocking=False):
+            logger.debug("session %s is busy; not spilled", session_id)
+            return None
+        try:
+            if session.spilled or self._sessions.get(session_id) is not session:
+                return None
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", session_id)[:80]
+            digest = hashlib.sha256(session_id.encode()).hexdigest()[:12]
+            path = self.spill_dir / f"{safe}-{digest}"
+            session.spill_to(path)
+        finally:
+            session.lock.release()
+        logger.info("session %s spilled to %s", session_id, path)
+        return path
+
