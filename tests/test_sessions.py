@@ -794,6 +794,166 @@ def test_failed_rename_keeps_previous_snapshot(
     assert persistence.read_manifest(path)["token_ids"] == saved["history"]
 
 
+def _reseal(p: Path) -> None:
+    """Recompute the manifest's content checksum, as a buggy or hostile writer would: the
+    structural checks behind the checksum must still refuse what does not fit."""
+    manifest = json.loads((p / "manifest.json").read_text())
+    manifest[persistence.CONTENT_KEY] = persistence.content_sha256(manifest)
+    (p / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _swap_tensor(name: str, make: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[Path], None]:
+    """Rewrite one tensor of the file and fix both checksums."""
+
+    def apply(p: Path) -> None:
+        tensors = persistence.load_file(str(p / "tensors.safetensors"))
+        tensors[name] = make(tensors[name]).contiguous()
+        persistence.save_file(tensors, str(p / "tensors.safetensors"))
+        manifest = json.loads((p / "manifest.json").read_text())
+        manifest["tensors_sha256"] = persistence._sha256(p / "tensors.safetensors")
+        (p / "manifest.json").write_text(json.dumps(manifest))
+        _reseal(p)
+
+    return apply
+
+
+def _resealed(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
+    def apply(p: Path) -> None:
+        _edit_manifest(edit)(p)
+        _reseal(p)
+
+    return apply
+
+
+# name -> (damage with valid checksums, what the message must say, which snapshot)
+RESEALED: dict[str, tuple[Callable[[Path], None], str, str]] = {
+    "out_of_vocab_token": (
+        _resealed(lambda m: m["token_ids"].__setitem__(0, VOCAB + 5)),
+        "vocabulary",
+        "short_path",
+    ),
+    "negative_token": (
+        _resealed(lambda m: m["token_ids"].__setitem__(1, -1)),
+        "token id",
+        "short_path",
+    ),
+    "string_token": (
+        _resealed(lambda m: m["token_ids"].__setitem__(0, "x")),
+        "token id",
+        "short_path",
+    ),
+    "bool_token": (
+        _resealed(lambda m: m["token_ids"].__setitem__(0, True)),
+        "token id",
+        "short_path",
+    ),
+    "token_ids_not_a_list": (_resealed(_set("token_ids", value="abc")), "token_ids", "short_path"),
+    "extra_token": (_resealed(lambda m: m["token_ids"].append(3)), "tail_k", "short_path"),
+    "missing_tokens": (
+        _resealed(lambda m: m.__setitem__("token_ids", m["token_ids"][:-9])),
+        "tail_start, n_blocks",
+        "path",
+    ),
+    "wrong_tail_start": (
+        _resealed(lambda m: [meta.update(tail_start=3) for meta in m["layers"]]),
+        "tail_start",
+        "short_path",
+    ),
+    "wrong_n_blocks": (
+        _resealed(lambda m: m["layers"][1].update(n_blocks=m["layers"][1]["n_blocks"] - 1)),
+        "tail_start, n_blocks",
+        "path",
+    ),
+    "layer_meta_not_object": (
+        _resealed(lambda m: m["layers"].__setitem__(0, [2, 0])),
+        "metadata",
+        "short_path",
+    ),
+    "layers_not_a_list": (_resealed(_set("layers", value={"a": 1})), "layers", "short_path"),
+    "one_layer_missing": (_resealed(lambda m: m["layers"].pop()), "layers saved", "short_path"),
+    "session_id_not_a_string": (_resealed(_set("session_id", value=7)), "session_id", "path"),
+    "missing_content_checksum": (
+        _edit_manifest(lambda m: m.pop(persistence.CONTENT_KEY)),
+        "content checksum",
+        "path",
+    ),
+    "older_format": (
+        _resealed(_set("format_version", value=1)),
+        "predates",
+        "path",
+    ),
+    "block_k_wrong_shape": (
+        _swap_tensor("layer0.block_k", lambda t: t[:, :, :-1]),
+        "block_k",
+        "path",
+    ),
+    "tail_k_wrong_dtype": (
+        _swap_tensor("layer1.tail_k", lambda t: t.to(torch.float16)),
+        "tail_k",
+        "short_path",
+    ),
+    "reprs_missing_a_block": (_swap_tensor("layer0.reprs", lambda t: t[:-1]), "reprs", "path"),
+    "logits_2d": (_swap_tensor("last_logits", lambda t: t[None]), "last_logits", "short_path"),
+}
+
+
+def _add_extra_tensor(p: Path) -> None:
+    tensors = persistence.load_file(str(p / "tensors.safetensors"))
+    tensors["layer0.intruder"] = torch.zeros(3)
+    persistence.save_file(tensors, str(p / "tensors.safetensors"))
+    _edit_manifest(_set("tensors_sha256", value=persistence._sha256(p / "tensors.safetensors")))(p)
+    _reseal(p)
+
+
+RESEALED["extra_tensor"] = (_add_extra_tensor, "unexpected", "short_path")
+
+
+@pytest.mark.parametrize("case", list(RESEALED))
+def test_malformed_snapshot_with_valid_checksums_is_refused(
+    saved: dict[str, Any], case: str
+) -> None:
+    """Behind the checksums, every field and tensor is checked against the engine."""
+    damage, message, which = RESEALED[case]
+    target = _copy_snapshot(saved, f"resealed_{case}", which)
+    damage(target)
+    with pytest.raises(SessionFileError, match=message):
+        saved["engine"].load_session(target, session_id="intruder")
+    assert "intruder" not in saved["engine"].sessions
+    _assert_engine_still_usable(saved)
+
+
+def test_resealing_an_intact_snapshot_keeps_it_loadable(saved: dict[str, Any]) -> None:
+    """The helper above damages nothing by itself: the refusals are the edits' doing."""
+    target = _copy_snapshot(saved, "resealed_intact", "path")
+    _reseal(target)
+    _swap_tensor("layer0.init_k", lambda t: t)(target)
+    loaded = saved["engine"].load_session(target)
+    assert_same_state(state(loaded), saved["state"])
+
+
+@pytest.mark.parametrize(
+    "edit",
+    ["scale_one_tensor", "nudge_one_interior_element", "swap_two_interior_rows", "shift_bias"],
+)
+def test_weights_fingerprint_sees_any_weight_change(edit: str) -> None:
+    base, _ = tiny_pair("qwen2", seed=9)
+    reference = InfLLMEngine(base, None, InfLLMConfig(**SETTINGS)).weights_fingerprint()
+    model, _ = tiny_pair("qwen2", seed=9)
+    assert InfLLMEngine(model, None, InfLLMConfig(**SETTINGS)).weights_fingerprint() == reference
+    model, _ = tiny_pair("qwen2", seed=9)
+    with torch.no_grad():
+        w = model.model.layers[0].mlp.up_proj.weight
+        if edit == "scale_one_tensor":
+            model.model.layers[1].self_attn.o_proj.weight.mul_(1.5)
+        elif edit == "nudge_one_interior_element":
+            w[w.shape[0] // 2, w.shape[1] // 2] += 1e-3
+        elif edit == "swap_two_interior_rows":
+            w[[3, 5]] = w[[5, 3]].clone()
+        else:
+            model.model.layers[0].self_attn.q_proj.bias.add_(1e-4)
+    assert InfLLMEngine(model, None, InfLLMConfig(**SETTINGS)).weights_fingerprint() != reference
+
+
 # ----------------------------------------------------------------- 6. session store
 def test_store_get_or_create() -> None:
     engine, _ = make_engine()
@@ -866,6 +1026,126 @@ def test_spill_does_not_lose_appends_made_through_a_held_handle(tmp_path: Path) 
     assert engine.sessions.spilled_ids() == ["a"]
     handle.append([1, 2, 3])
     assert engine.session("a").token_ids == handle.token_ids
+
+
+def _budget_engine(tmp_path: Path, seed: int, sessions: float) -> InfLLMEngine:
+    """An engine whose store holds about `sessions` sessions of 80 tokens."""
+    probe, _ = make_engine(seed=seed)
+    sample = probe.new_session()
+    _fill(sample, random.Random(0), 80)
+    engine, _ = make_engine(
+        seed=seed,
+        session_host_budget_bytes=int(sample.host_bytes() * sessions),
+        spill_dir=tmp_path / "spill",
+    )
+    return engine
+
+
+def test_failed_reload_keeps_the_spilled_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = _budget_engine(tmp_path, 16, 1.5)
+    rng = random.Random(16)
+    a = engine.session("a")
+    _fill(a, rng, 80)
+    held = state(a)
+    engine.sessions.spill("a")
+    assert engine.sessions.spilled_ids() == ["a"]
+
+    def broken(*args: Any, **kwargs: Any) -> Session:
+        raise SessionFileError("disk went away")
+
+    monkeypatch.setattr(persistence, "load_session", broken)
+    with pytest.raises(SessionFileError, match="went away"):
+        engine.session("a")
+    assert "a" in engine.sessions and engine.sessions.spilled_ids() == ["a"]
+    monkeypatch.undo()
+    again = engine.session("a")  # the snapshot was kept: a later try succeeds
+    assert again is a and not a.spilled
+    assert_same_state(state(again), held)
+
+
+def test_budget_is_enforced_after_appends(tmp_path: Path) -> None:
+    """Growing a session through appends alone (no get or put) spills the others."""
+    engine = _budget_engine(tmp_path, 16, 1.5)
+    rng = random.Random(16)
+    a = engine.session("a")
+    _fill(a, rng, 80)
+    b = engine.session("b")
+    assert engine.sessions.spilled_ids() == []
+    _fill(b, rng, 80)
+    assert engine.sessions.spilled_ids() == ["a"]
+    assert a.host_bytes() == 0 and a.token_ids  # released, tokens kept
+    assert engine.sessions.host_bytes() <= engine.config.session_host_budget_bytes  # type: ignore[operator]
+    # the session that grew is never the one spilled for its own growth
+    _fill(b, rng, 40)
+    assert not b.spilled
+
+
+def _in_daemon(job: Callable[[], None]) -> tuple[threading.Thread, list[BaseException]]:
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            job()
+        except BaseException as exc:  # reported to the test
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)  # a deadlock must not hang pytest
+    thread.start()
+    return thread, errors
+
+
+def test_spill_skips_a_busy_session_and_never_waits_holding_the_store_lock(
+    tmp_path: Path,
+) -> None:
+    engine = _budget_engine(tmp_path, 16, 1.5)
+    rng = random.Random(16)
+    a = engine.session("a")
+    _fill(a, rng, 80)
+    b = engine.session("b")
+    a_state = state(a)
+    holding, release = threading.Event(), threading.Event()
+
+    def busy_with_a() -> None:
+        with a.lock:  # a caller is in the middle of using "a"
+            holding.set()
+            release.wait(TIMEOUT)
+            # ...and needs the store while it holds the session: no lock-order deadlock
+            engine.session("c")
+
+    owner, owner_errors = _in_daemon(busy_with_a)
+    assert holding.wait(TIMEOUT)
+    grower, grower_errors = _in_daemon(lambda: _fill(b, rng, 80))  # over budget now
+    grower.join(TIMEOUT)
+    assert not grower.is_alive(), "the store waited for a busy session"
+    assert grower_errors == []
+    assert engine.sessions.spilled_ids() == [], "a session in use was spilled"
+    release.set()
+    owner.join(TIMEOUT)
+    assert not owner.is_alive(), "deadlock between the store lock and a session lock"
+    assert owner_errors == []
+    # "c" came in while "a" was still held: the store made room without touching "a"
+    assert engine.sessions.spilled_ids() == ["b"]
+    assert engine.sessions.spill("a") is not None  # free now: it spills
+    assert_same_state(state(engine.session("a")), a_state)
+    # a session this very thread holds is busy too (its RLock would let a spill in)
+    with a.lock:
+        assert engine.sessions.spill("a") is None
+        assert not a.spilled
+    assert_same_state(state(engine.session("a")), a_state)
+
+
+def test_drop_frees_a_spilled_session_and_its_files(tmp_path: Path) -> None:
+    engine = _budget_engine(tmp_path, 16, 1.5)
+    a = engine.session("a")
+    _fill(a, random.Random(3), 80)
+    path = engine.sessions.spill("a")
+    assert path is not None and path.exists()
+    engine.sessions.drop("a")
+    assert not path.exists() and "a" not in engine.sessions
+    assert len(a) == 0 and not a.spilled  # the dropped object is an empty session
+    assert len(engine.session("a")) == 0
 
 
 # ------------------------------------------------------------------ 7. concurrency

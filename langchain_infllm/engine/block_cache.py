@@ -83,6 +83,10 @@ class DeviceBlockCache:
     def __len__(self) -> int:
         return len(self._slot_of)
 
+    def resident_ids(self) -> set[int]:
+        """Ids of the blocks that occupy a device slot now."""
+        return set(self._slot_of)
+
     def fetch(
         self,
         uids: list[int],

@@ -125,12 +125,12 @@ class SessionStore:
     def spill(self, session_id: str) -> Path | None:
         """Write a live session's memory to disk and release it.
 
-        Returns the snapshot folder, or None when the session is busy (its lock is held
-        by another thread) and was left alone.
+        Returns the snapshot folder, or None when the session is busy (its lock is held,
+        by another thread or by this one further up the stack) and was left alone.
         """
         with self._lock:
             session = self._sessions[session_id]
-        if not session.lock.acquire(blocking=False):
+        if _held_by_this_thread(session.lock) or not session.lock.acquire(blocking=False):
             logger.debug("session %s is busy; not spilled", session_id)
             return None
         try:
@@ -145,3 +145,9 @@ class SessionStore:
         logger.info("session %s spilled to %s", session_id, path)
         return path
 
+
+
+def _held_by_this_thread(lock: object) -> bool:
+    """True if the calling thread holds this RLock (a try-acquire would succeed)."""
+    is_owned = getattr(lock, "_is_owned", None)  # CPython's RLock; Condition relies on it
+    return bool(is_owned()) if callable(is_owned) else False
