@@ -291,3 +291,79 @@ def test_block_cache_evicts_least_recently_used_and_never_a_needed_block() -> No
     assert cache.resident_bytes == 3 * 2 * k[0].numel() * 4
     with pytest.raises(ValueError, match="cache holds 3"):
         fetch([6, 7, 8, 9])
+
+
+def _assert_cache_holds_only(engine: InfLLMEngine, *sessions: Session) -> None:
+    for i, cache in enumerate(engine.caches):
+        held = set().union(*(s.block_uids(i) for s in sessions))
+        assert cache.resident_ids() <= held, f"layer {i} keeps slots of dropped blocks"
+
+
+def test_truncate_close_and_spill_free_device_slots(tmp_path: Any) -> None:
+    engine, _ = make_engine("llama", 7, topk=64, max_cached_block=64, trace="off")
+    rng = random.Random(7)
+    session = engine.new_session()
+    session.append([rng.randrange(VOCAB) for _ in range(150)])
+    session.append([5])  # every block is now resident
+    n_before = session.n_blocks
+    assert all(len(c) == n_before for c in engine.caches)
+    allocated = engine.cache_resident_bytes()
+    session.truncate(40)
+    assert 0 < session.n_blocks < n_before
+    _assert_cache_holds_only(engine, session)
+    assert all(len(c) == session.n_blocks for c in engine.caches)
+    session.close()
+    assert len(session) == 0 and session.n_blocks == 0
+    assert all(len(c) == 0 for c in engine.caches)
+    # freed slots are reused: a new session of the same size allocates nothing more
+    other = engine.new_session("other")
+    other.append([rng.randrange(VOCAB) for _ in range(150)])
+    other.append([5])
+    assert engine.cache_resident_bytes() == allocated
+    assert all(len(c) == other.n_blocks for c in engine.caches)
+    # a spilled session's blocks leave the device too, and come back losslessly
+    want = other.append([9]).logits
+    other.truncate(len(other) - 1)
+    engine.sessions._spill_dir = tmp_path
+    assert engine.sessions.spill("other") is not None
+    assert all(len(c) == 0 for c in engine.caches)
+    got = engine.session("other").append([9]).logits
+    assert got is not None and want is not None and torch.equal(got, want)
+
+
+def test_forgetting_keeps_the_blocks_a_fork_still_uses() -> None:
+    engine, _ = make_engine("qwen2", 8, topk=64, max_cached_block=64, trace="off")
+    rng = random.Random(8)
+    parent = engine.new_session()
+    parent.append([rng.randrange(VOCAB) for _ in range(120)])
+    parent.append([5])
+    twin = parent.fork()
+    resident = [c.resident_ids() for c in engine.caches]
+    assert all(len(r) > 20 for r in resident)
+    parent.truncate(0)  # the parent drops every block; the fork still holds them all
+    assert [c.resident_ids() for c in engine.caches] == resident
+    not_resident = sum(
+        len(set(twin.block_uids(i)) - resident[i]) for i in range(engine.num_layers)
+    )
+    out = twin.append([6])
+    assert out.cache_misses == not_resident, "the fork had to copy its blocks again"
+    twin.close()
+    assert all(len(c) == 0 for c in engine.caches)
+
+
+def test_truncations_with_slot_reuse_are_lossless() -> None:
+    """Slots freed by truncation are handed to new blocks; outputs must not notice."""
+    outputs = []
+    for capacity in (TOPK, HUGE):
+        engine, _ = make_engine("llama", 9, max_cached_block=capacity, trace="off")
+        rng = random.Random(9)
+        session = engine.new_session()
+        logits = []
+        for step in range(40):
+            n = rng.randint(1, 20)
+            logits.append(session.append([rng.randrange(VOCAB) for _ in range(n)]).logits)
+            if step % 7 == 6:
+                session.truncate(rng.randrange(len(session)))
+                _assert_cache_holds_only(engine, session)
+        outputs.append(logits)
+    assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
