@@ -28,6 +28,7 @@ from torch import nn
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.engine import (
+    ContextLimitError,
     EngineOutOfMemoryError,
     Session,
     SessionFileError,
@@ -825,6 +826,11 @@ def _resealed(edit: Callable[[dict[str, Any]], None]) -> Callable[[Path], None]:
     return apply
 
 
+def _tail_start_3(m: dict[str, Any]) -> None:
+    for meta in m["layers"]:
+        meta["tail_start"] = 3
+
+
 # name -> (damage with valid checksums, what the message must say, which snapshot)
 RESEALED: dict[str, tuple[Callable[[Path], None], str, str]] = {
     "out_of_vocab_token": (
@@ -855,7 +861,7 @@ RESEALED: dict[str, tuple[Callable[[Path], None], str, str]] = {
         "path",
     ),
     "wrong_tail_start": (
-        _resealed(lambda m: [meta.update(tail_start=3) for meta in m["layers"]]),
+        _resealed(_tail_start_3),
         "tail_start",
         "short_path",
     ),
@@ -1293,6 +1299,23 @@ def test_generate_step_is_atomic_against_other_threads(monkeypatch: pytest.Monke
         assert int(fresh_logits(engine, ids[:j]).argmax()) == ids[j], f"token at {j}"
 
 
+def test_sync_over_max_context_leaves_the_session_untouched() -> None:
+    engine, reference = make_engine(seed=27, max_context=40)
+    rng = random.Random(27)
+    session = engine.new_session()
+    history = rand_ids(rng, 30)
+    session.append(history)
+    before = state(session)
+    with pytest.raises(ContextLimitError, match="max_context is 40"):
+        session.sync(history[:10] + rand_ids(rng, 31))  # 41 tokens: refused before truncating
+    assert_same_state(state(session), before)
+    assert session.stats()["tokens_reused"] == 0
+    prompt = history[:10] + rand_ids(rng, 30)  # exactly the limit: fine
+    out = session.sync(prompt)
+    assert out.reused_tokens == 10 and session.token_ids == prompt
+    torch.testing.assert_close(out.logits, oracle(reference, prompt)[-1], atol=ATOL, rtol=0)
+
+
 # ------------------------------------------------------------------ 8. interruption
 def test_closing_generate_early_keeps_yielded_tokens() -> None:
     engine, reference = make_engine(seed=20)
@@ -1379,7 +1402,7 @@ def test_exception_inside_forward_leaves_session_consistent(
     assert session.token_ids == history + new[:kept]
     assert_consistent(session)
     if kept == 0:
-        assert_same_state(state(session), before, scores=False)
+        assert_same_state(state(session), before, scores=True)
     # continuing: the same as a session that never saw the failure
     rest = rand_ids(rng, 33)
     session.append(rest)
@@ -1400,6 +1423,42 @@ def test_failed_forward_leaves_no_attention_mass_behind(monkeypatch: pytest.Monk
     with pytest.raises(Boom):
         session.append(rand_ids(rng, 9))
     assert_same_state(state(session), before, scores=True)
+    # blocks the failed forward sealed (and fetched) are gone: so are their cache slots
+    for i, cache in enumerate(engine.caches):
+        assert cache.resident_ids() <= set(session.block_uids(i))
+
+
+def test_failed_forward_restores_lru_s_cache_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    engine, _ = make_engine(seed=22, cache_strategy="lru-s", score_decay=0.3)
+    rng = random.Random(22)
+    session = engine.new_session()
+    feed(session, rand_ids(rng, 70), rng)
+    before = [cache.score_state() for cache in engine.caches]
+    assert all(before)
+    mlp = engine.model.model.layers[1].mlp
+    monkeypatch.setattr(mlp, "forward", _failing(mlp, {1}, lambda: Boom("late")))
+    with pytest.raises(Boom):
+        session.append(rand_ids(rng, 9))
+    assert [cache.score_state() for cache in engine.caches] == before
+
+
+def test_oom_retry_counts_attention_mass_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failed try's queries must not leave mass behind for the retry to add to."""
+    engine, _ = make_engine(seed=23, exc_block_size=8, chunk_size=64)
+    rng = random.Random(23)
+    session = engine.new_session()
+    feed(session, rand_ids(rng, 60), rng)
+    twin = session.fork()
+    mlp = engine.model.model.layers[1].mlp  # layer 0's attention ran before the OOM
+    monkeypatch.setattr(
+        mlp, "forward", _failing(mlp, {1}, lambda: torch.OutOfMemoryError("simulated"))
+    )
+    new = rand_ids(rng, 30)
+    session.append(new)
+    monkeypatch.undo()
+    twin.append(new)  # never failed (other execution chunks: equal up to rounding)
+    for got, want in zip(state(session)["scores"], state(twin)["scores"], strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("where", ["layer0_mlp", "layer1_mlp"])

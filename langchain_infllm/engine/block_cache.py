@@ -176,12 +176,12 @@ class DeviceBlockCache:
     def restore_score_state(self, state: dict[int, float] | None) -> None:
         """Put back `score_state()` after a failed forward, for blocks still resident.
 
-        Blocks the failed forward copied in stay resident; they get no credit for a
-        retrieval whose result was thrown away.
+        Blocks the failed forward copied in stay resident with no score (as if never
+        retrieved); blocks it evicted are not brought back, only their scores dropped.
         """
         if state is None:
             return
-        self._scores = {uid: state.get(uid, 0.0) for uid in self._slot_of}
+        self._scores = {uid: score for uid, score in state.items() if uid in self._slot_of}
 
     def forget(self, uids: set[int]) -> None:
         """Drop blocks that no session references any more (their slots become reusable)."""
