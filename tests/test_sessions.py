@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -645,6 +646,33 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, str]] = {
         "short_path",
     ),
     "not_a_folder": (lambda p: None, "not a session snapshot", "path"),
+    "file_instead_of_folder": (
+        lambda p: [shutil.rmtree(p), p.write_text("{}")],
+        "cannot read manifest",
+        "path",
+    ),
+    "manifest_is_a_folder": (
+        lambda p: [(p / "manifest.json").unlink(), (p / "manifest.json").mkdir()],
+        "cannot read manifest",
+        "path",
+    ),
+    "tensors_is_a_folder": (
+        lambda p: [(p / "tensors.safetensors").unlink(), (p / "tensors.safetensors").mkdir()],
+        "missing",
+        "path",
+    ),
+    "deeply_nested_manifest": (
+        lambda p: (p / "manifest.json").write_text("[" * 100_000 + "]" * 100_000),
+        "corrupt",
+        "path",
+    ),
+    "nan_in_manifest": (
+        lambda p: (p / "manifest.json").write_text(
+            (p / "manifest.json").read_text().replace('"token_ids": [', '"token_ids": [NaN, ')
+        ),
+        "corrupt",
+        "path",
+    ),
 }
 
 

@@ -105,8 +105,10 @@ def read_manifest(path: Path) -> dict[str, Any]:
         manifest = json.loads((path / MANIFEST).read_text())
     except FileNotFoundError:
         raise SessionFileError(f"{path}: no {MANIFEST}; not a session snapshot") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise SessionFileError(f"{path}/{MANIFEST} is corrupt: {exc}") from None
+    except OSError as exc:  # a file where the folder should be, a folder as manifest...
+        raise SessionFileError(f"{path}: cannot read {MANIFEST}: {exc}") from None
     if not isinstance(manifest, dict):
         raise SessionFileError(f"{path}/{MANIFEST} is not a JSON object")
     return manifest
@@ -152,9 +154,13 @@ def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Se
     if diffs:
         raise SessionFileError(f"{path}: made for another model or config ({'; '.join(diffs)})")
     tensor_file = path / TENSORS
-    if not tensor_file.exists():
+    if not tensor_file.is_file():
         raise SessionFileError(f"{path}: {TENSORS} is missing")
-    if _sha256(tensor_file) != manifest.get("tensors_sha256"):
+    try:
+        file_sha = _sha256(tensor_file)
+    except OSError as exc:
+        raise SessionFileError(f"{path}: cannot read {TENSORS}: {exc}") from None
+    if file_sha != manifest.get("tensors_sha256"):
         raise SessionFileError(f"{path}: {TENSORS} does not match its checksum (corrupt)")
     try:
         expected = content_sha256(manifest)
