@@ -77,7 +77,7 @@ def test_streaming_with_traces() -> None:
 
 
 def test_tool_calling() -> None:
-    out = run_example("tool_calling.py", *QWEN)
+    out = run_example("tool_calling.py", *QWEN, "--max-tokens", "40")
     # Both tools were called with the right arguments and their results came back.
     assert "tool get_weather({'city': 'Paris'}) -> sunny, 24 C" in out, out
     assert "tool multiply({'a': 37, 'b': 23}) -> 851" in out, out
