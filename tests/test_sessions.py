@@ -967,7 +967,13 @@ def test_resealing_an_intact_snapshot_keeps_it_loadable(saved: dict[str, Any]) -
 
 @pytest.mark.parametrize(
     "edit",
-    ["scale_one_tensor", "nudge_one_interior_element", "swap_two_interior_rows", "shift_bias"],
+    [
+        "scale_one_tensor",
+        "nudge_one_interior_element",
+        "swap_two_interior_rows",
+        "swap_two_elements_of_a_row",
+        "shift_bias",
+    ],
 )
 def test_weights_fingerprint_sees_any_weight_change(edit: str) -> None:
     base, _ = tiny_pair("qwen2", seed=9)
@@ -983,6 +989,8 @@ def test_weights_fingerprint_sees_any_weight_change(edit: str) -> None:
             w[w.shape[0] // 2, w.shape[1] // 2] += 1e-3
         elif edit == "swap_two_interior_rows":
             w[[3, 5]] = w[[5, 3]].clone()
+        elif edit == "swap_two_elements_of_a_row":
+            w[4, [2, 7]] = w[4, [7, 2]].clone()
         else:
             model.model.layers[0].self_attn.q_proj.bias.add_(1e-4)
     assert InfLLMEngine(model, None, InfLLMConfig(**SETTINGS)).weights_fingerprint() != reference

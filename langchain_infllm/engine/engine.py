@@ -11,6 +11,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import AttentionInterface
@@ -213,26 +214,26 @@ class InfLLMEngine:
     def weights_fingerprint(self) -> str:
         """A hash that changes when any weight of the model changes; computed once.
 
-        Every parameter contributes its name, shape and dtype, the exact bytes of its
-        first and last rows, and three float64 reductions over all of its elements: the
-        sum, the sum of squares and a position-weighted sum (rounded to 12 significant
-        digits, so the same weights on another device or reduction order agree).
+        Every parameter contributes its name, shape and dtype and, reading its raw bits
+        as integers (`[rows, -1]`), the exact int64 sum of every row and of every column.
+        Integer sums are exact and independent of summation order, so the value is the
+        same on any device, thread count or reduction kernel.
 
-        Trade-off: every weight is read once (a few milliseconds per GiB on a GPU, about
-        a second per GiB on a CPU, streamed in bounded chunks so no float64 copy of a
-        whole tensor is made) instead of hashing every byte, which would cost a full
-        device-to-host copy of the model. A scaled, shifted, fine-tuned or swapped
-        tensor changes at least one reduction; only a contrived edit that keeps all
-        three reductions of every tensor and its first and last rows (for instance two
-        interior elements swapped at positions of equal weight) would go unnoticed.
-        Weights modified after the first call are not seen (the value is cached).
+        Trade-off: every weight is read once, on its own device (about a millisecond per
+        GiB on a GPU, where only the sums are copied back, and a fraction of a second per
+        GiB on a CPU), instead of hashing every byte, which on a GPU would mean copying
+        the whole model to the host. Any changed element changes its row's sum, and any
+        two swapped unequal elements change a row's or a column's sum, so a fine-tune,
+        a rescaled or shifted tensor, or a single edited weight is always seen; only a
+        contrived edit that keeps every row and column sum of every tensor (e.g. +d/-d
+        at the four corners of a rectangle) would go unnoticed. Weights modified after
+        the first call are not seen (the value is cached).
         """
         if not hasattr(self, "_fingerprint"):
             digest = hashlib.sha256()
-            weights: dict[torch.device, torch.Tensor] = {}
             with torch.no_grad():
                 for name, param in self.model.named_parameters():
-                    digest.update(_tensor_summary(name, param.detach(), weights).encode())
+                    _digest_tensor(digest, name, param.detach())
             self._fingerprint = digest.hexdigest()[:16]
         return self._fingerprint
 
@@ -249,25 +250,21 @@ class InfLLMEngine:
         return self.num_layers * self.config.max_cached_block * per_block
 
 
-_CHUNK = 1 << 22  # elements reduced at a time (32 MiB as float64)
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-def _tensor_summary(name: str, t: torch.Tensor, weights: dict[torch.device, torch.Tensor]) -> str:
-    """`name|shape|dtype|rows|sum|sumsq|weighted` for `weights_fingerprint`."""
-    flat = t.reshape(-1)
-    rows = t.reshape(t.shape[0], -1) if t.dim() > 1 else flat.reshape(1, -1)
-    edge = hashlib.sha256()
-    for row in (rows[0], rows[-1]) if rows.numel() else ():
-        edge.update(row.contiguous().view(torch.uint8).cpu().numpy().tobytes())
-    if t.device not in weights:
-        # 1..251 by position within a chunk: moving unequal elements changes the sum
-        weights[t.device] = (torch.arange(_CHUNK, device=t.device) % 251 + 1).to(torch.float64)
-    w = weights[t.device]
-    acc = torch.zeros(3, dtype=torch.float64, device=t.device)
-    for a in range(0, flat.numel(), _CHUNK):
-        part = flat[a : a + _CHUNK].to(torch.float64)
-        acc += torch.stack([part.sum(), part.square().sum(), part.dot(w[: part.numel()])])
-    return "|".join(
-        [name, str(tuple(t.shape)), str(t.dtype), edge.hexdigest()[:16]]
-        + [f"{x:.12e}" for x in acc.tolist()]
-    )
+def _digest_tensor(digest: Any, name: str, t: torch.Tensor) -> None:
+    """Feed `name`, shape, dtype and the exact row and column sums of `t`'s bits."""
+    digest.update(f"{name}|{tuple(t.shape)}|{t.dtype}|".encode())
+    if t.numel() == 0:
+        return
+    bits = t.view(_INT_OF_SIZE[t.element_size()])
+    grid = bits.reshape(bits.shape[0], -1) if bits.dim() > 1 else bits.reshape(1, -1)
+    if grid.device.type == "cpu":  # numpy's integer reductions are far faster here
+        array = grid.numpy()
+        rows, cols = array.sum(axis=1, dtype=np.int64), array.sum(axis=0, dtype=np.int64)
+    else:
+        rows = grid.sum(dim=1, dtype=torch.int64).cpu().numpy()
+        cols = grid.sum(dim=0, dtype=torch.int64).cpu().numpy()
+    digest.update(rows.astype("<i8").tobytes())
+    digest.update(cols.astype("<i8").tobytes())
