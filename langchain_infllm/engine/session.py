@@ -1,7 +1,9 @@
 """Session: one conversation's context memory plus the exact tokens it has consumed.
 
 The invariant every method keeps, even when a forward fails half-way: `token_ids`
-describes exactly what the memory of every layer holds.
+describes exactly what the memory of every layer holds (and a failed forward leaves no
+attention mass behind either). A session the store spilled keeps its token ids and
+reloads its memory on first use, so a caller's handle stays valid.
 """
 
 from __future__ import annotations
