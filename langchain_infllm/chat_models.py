@@ -63,7 +63,6 @@ from langchain_infllm.tool_parsing import (
 
 if TYPE_CHECKING:
     from langchain_infllm.engine import InfLLMEngine
-    from langchain_infllm.engine.records import RetrievalRecord
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +71,6 @@ DEFAULT_MAX_NEW_TOKENS = 1024
 """Generation budget when neither ``max_tokens`` nor ``max_context`` bounds it."""
 RETRY_TEMPERATURE = 0.7
 """Sampling temperature of structured-output retries (a greedy retry repeats itself)."""
-RETRIEVAL_EVENT = "infllm_retrieval_summary"
 """Name of the custom callback event emitted once per call with the retrieval summary."""
 THREAD_KWARG = "_infllm_thread"
 """Private call kwarg carrying the LangGraph thread key found in the call's config."""
@@ -176,6 +174,7 @@ class _Plan:
     stop: list[str]
     stop_token_ids: tuple[int, ...]
     message_id: str
+    messages: list[BaseMessage] = field(default_factory=list)
     outcome: _Outcome = field(default_factory=lambda: _Outcome())
 
     @property
@@ -195,6 +194,8 @@ class _Outcome:
     prefill_seconds: float = 0.0
     scored_tokens: int = 0
     decode_seconds: float = 0.0
+    token_ids: list[int] = field(default_factory=list)
+    """The session's tokens after the turn (kept only when tracing, to decode block text)."""
     context_tokens: int = 0
     stats: dict[str, Any] = field(default_factory=dict)
     records: list[Any] = field(default_factory=list)
@@ -270,49 +271,6 @@ def _normalize_tool_choice(choice: Any, names: Sequence[str]) -> str | None:
     if choice not in names:
         raise ValueError(f"tool_choice {choice!r} is not one of the bound tools {list(names)}")
     return choice
-
-
-def summarize_retrievals(records: Sequence[RetrievalRecord], top: int = 8) -> dict[str, Any]:
-    """Per-call digest of retrieval records, in this event's payload shape.
-
-    The counting is `tracing.summarize_retrievals`; top blocks carry both `span` and the
-    `start`/`end` the trace handler reads.
-    """
-    digest = tracing.summarize_retrievals(records, max_blocks=top)
-    return {
-        "retrievals": digest["retrievals"],
-        "layers": digest["layers_seen"],
-        "blocks_retrieved": digest["blocks_selected"],
-        "unique_blocks": digest["unique_blocks"],
-        "cache_hits": digest["cache_hits"],
-        "cache_misses": digest["cache_misses"],
-        "bytes_copied": digest["bytes_copied"],
-        "top_blocks": [
-            {**{k: b[k] for k in ("block", "start", "end", "count")},
-             "span": [b["start"], b["end"]]}
-            for b in digest["top_blocks"]
-        ],
-    }
-
-
-def _emit_retrieval_events(
-    run_manager: CallbackManagerForLLMRun | None,
-    records: Sequence[RetrievalRecord],
-    step_info: Mapping[str, Any],
-) -> None:
-    """Report this call's retrievals as a custom event on the model's own run."""
-    payload = {**step_info, **summarize_retrievals(records)}
-    tracing.emit_trace_events(run_manager, [(RETRIEVAL_EVENT, payload)])
-
-
-async def _aemit_retrieval_events(
-    run_manager: AsyncCallbackManagerForLLMRun | None,
-    records: Sequence[RetrievalRecord],
-    step_info: Mapping[str, Any],
-) -> None:
-    """Async twin of ``_emit_retrieval_events``."""
-    payload = {**step_info, **summarize_retrievals(records)}
-    await tracing.aemit_trace_events(run_manager, [(RETRIEVAL_EVENT, payload)])
 
 
 # ============================================================================ model
@@ -717,6 +675,7 @@ class ChatInfLLM(BaseChatModel):
             stop=stops,
             stop_token_ids=renderer.end_of_turn_ids,
             message_id=message_id,
+            messages=list(messages),
         )
 
     # ------------------------------------------------------------------ the turn
@@ -792,6 +751,8 @@ class ChatInfLLM(BaseChatModel):
                 outcome.records = session.drain_retrievals()
                 outcome.stats = dict(session.stats())
                 outcome.context_tokens = len(session)
+                if engine.config.trace != "off":
+                    outcome.token_ids = list(session.token_ids)
         outcome.done = True
 
     @staticmethod
@@ -834,10 +795,13 @@ class ChatInfLLM(BaseChatModel):
 
     # ------------------------------------------------------------------ results
     def _summary(self, plan: _Plan) -> dict[str, Any]:
+        """``response_metadata["infllm"]``: reuse, memory and retrieval figures of the call,
+        the most recalled blocks and, when tracing, where each input message sits (so a
+        trace handler can map recalled blocks to messages from the metadata alone)."""
         out = plan.outcome
-        digest = summarize_retrievals(out.records)
+        digest = tracing.summarize_retrievals(out.records, max_blocks=8)
         stats = out.stats
-        return {
+        summary: dict[str, Any] = {
             "session_id": plan.session_id,
             "tokens_reused": out.reused_tokens,
             "tokens_computed": out.computed_tokens,
@@ -845,16 +809,61 @@ class ChatInfLLM(BaseChatModel):
             "tokens_spliced": plan.prompt.spliced_tokens,
             "tokens_scored": out.scored_tokens,
             "context_tokens": out.context_tokens,
+            "prompt_tokens": len(plan.input_ids),
             "blocks_in_memory": int(stats.get("blocks", 0)),
             "retrievals": digest["retrievals"],
-            "blocks_retrieved": digest["blocks_retrieved"],
+            "blocks_retrieved": digest["blocks_selected"],
             "unique_blocks_retrieved": digest["unique_blocks"],
             "cache_hits": digest["cache_hits"],
             "cache_misses": digest["cache_misses"],
             "bytes_copied": digest["bytes_copied"],
+            "top_blocks": [
+                {k: b[k] for k in ("block", "start", "end", "count")}
+                for b in digest["top_blocks"]
+            ],
             "prefill_seconds": round(out.prefill_seconds, 4),
             "decode_seconds": round(out.decode_seconds, 4),
         }
+        if plan.engine.config.trace != "off" and plan.prompt.message_spans:
+            summary["message_spans"] = [
+                {k: span[k] for k in ("index", "role", "start", "end")}
+                for span in self._message_spans(plan)
+            ]
+        return summary
+
+    @staticmethod
+    def _message_spans(plan: _Plan) -> list[dict[str, Any]]:
+        return tracing.build_message_spans(plan.messages, plan.prompt.message_spans)
+
+    def _trace_events(self, plan: _Plan) -> list[tuple[str, dict[str, Any]]]:
+        """This call's trace events at the engine's trace level (schema in tracing.py)."""
+        level = plan.engine.config.trace
+        if level == "off":
+            return []
+        out = plan.outcome
+        tokenizer = _tokenizer(plan.engine)
+
+        def decode(ids: Sequence[int]) -> str:
+            return str(tokenizer.decode(list(ids)))
+
+        summary = tracing.step_summary_payload(
+            out.records,
+            session_id=plan.session_id,
+            step=None,
+            prompt_tokens=len(plan.input_ids),
+            tokens_reused=out.reused_tokens,
+            tokens_computed=out.computed_tokens,
+            generated_tokens=len(out.generated_ids),
+            blocks_in_memory=int(out.stats.get("blocks", 0)),
+            seconds=out.prefill_seconds + out.decode_seconds,
+            message_spans=self._message_spans(plan) if plan.prompt.message_spans else None,
+            token_ids=out.token_ids,
+            decode=decode,
+            extra={"model_name": self.model_name, **self._summary(plan)},
+        )
+        return tracing.build_trace_events(
+            level, out.records, summary, token_ids=out.token_ids, decode=decode
+        )
 
     def _usage(self, plan: _Plan) -> UsageMetadata:
         out = plan.outcome
@@ -876,9 +885,6 @@ class ChatInfLLM(BaseChatModel):
             "model_provider": PROVIDER,
             "infllm": self._summary(plan),
         }
-
-    def _step_info(self, plan: _Plan) -> dict[str, Any]:
-        return {"model_name": self.model_name, **self._summary(plan)}
 
     def _parse(self, plan: _Plan) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
         full = plan.prefill_text + plan.outcome.text
@@ -920,7 +926,7 @@ class ChatInfLLM(BaseChatModel):
         for _ in self._run_turn(plan):
             pass
         message = self._build_message(plan)
-        _emit_retrieval_events(run_manager, plan.outcome.records, self._step_info(plan))
+        tracing.emit_trace_events(run_manager, self._trace_events(plan))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     async def _agenerate(
@@ -934,7 +940,7 @@ class ChatInfLLM(BaseChatModel):
         async for _ in self._aiter_turn(plan):
             pass
         message = self._build_message(plan)
-        await _aemit_retrieval_events(run_manager, plan.outcome.records, self._step_info(plan))
+        await tracing.aemit_trace_events(run_manager, self._trace_events(plan))
         return ChatResult(generations=[ChatGeneration(message=message)])
 
     # ------------------------------------------------------------------ stream
@@ -1030,7 +1036,7 @@ class ChatInfLLM(BaseChatModel):
                 run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
         if plan.outcome.done:
-            _emit_retrieval_events(run_manager, plan.outcome.records, self._step_info(plan))
+            tracing.emit_trace_events(run_manager, self._trace_events(plan))
 
     async def _astream(
         self,
@@ -1055,7 +1061,7 @@ class ChatInfLLM(BaseChatModel):
             if run_manager is not None:
                 await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
             yield chunk
-        await _aemit_retrieval_events(run_manager, plan.outcome.records, self._step_info(plan))
+        await tracing.aemit_trace_events(run_manager, self._trace_events(plan))
 
     async def _aiter_turn(self, plan: _Plan) -> AsyncIterator[str]:
         """Run the blocking turn in a worker thread; hand deltas over through a queue."""
@@ -1224,4 +1230,4 @@ def _structured_checker(
     return check
 
 
-__all__ = ["RETRIEVAL_EVENT", "ChatInfLLM", "clear_engine_registry", "shared_engine"]
+__all__ = ["ChatInfLLM", "clear_engine_registry", "shared_engine"]

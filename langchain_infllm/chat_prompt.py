@@ -17,6 +17,7 @@ argument). Two properties matter more than the exact text:
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import json
 from collections import OrderedDict
@@ -243,6 +244,10 @@ class RenderedPrompt:
     spliced_tokens: int = 0
     segments: list[tuple[int, int]] = field(default_factory=list)
     """(start, end) token positions of each spliced assistant turn."""
+    message_spans: list[tuple[int, int] | None] = field(default_factory=list)
+    """Token range ``[start, end)`` of each message (its template tokens included), or
+    None where the template does not render the conversation as growing prefixes; empty
+    when the tokenizer cannot report character offsets."""
 
 
 class PromptRenderer:
@@ -262,6 +267,7 @@ class PromptRenderer:
         self.end_of_turn_ids = tuple(dict.fromkeys(int(i) for i in end_of_turn_ids))
         self.max_cached_regions = 100_000
         self._regions: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
+        self._ends: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._end_of_turn_texts = [
             text
             for text in (tokenizer.convert_ids_to_tokens(int(i)) for i in self.end_of_turn_ids)
@@ -319,15 +325,20 @@ class PromptRenderer:
         dicts = messages_to_dicts(messages)
         full = self.apply(dicts, tools, add_generation_prompt=True)
         ids: list[int] = []
+        starts: list[int] | None = []  # character offset in `full` of each token
         spans: list[tuple[int, int]] = []
+        ends: list[int | None] = []  # character end of each message in `full`
         spliced_tokens = 0
         pos = 0
         # Rolling digest of the message prefix (the cache key of a turn's boundaries) and
-        # a running hash of `full`, which verifies cached boundaries in linear time.
+        # running hashes of `full`, which verify cached boundaries in linear time.
         chain = hashlib.sha256(_stable_json(list(tools or [])).encode())
         prefix = _PrefixHasher(full)
+        end_prefix = _PrefixHasher(full)
         for index, message in enumerate(messages):
             chain.update(_stable_json(dicts[index]).encode())
+            key = chain.hexdigest()
+            ends.append(self._message_end(dicts, index, tools, key, end_prefix))
             if not isinstance(message, AIMessage) or lookup is None:
                 continue
             generated = lookup(message)
@@ -335,27 +346,84 @@ class PromptRenderer:
                 continue
             # Cuts happen only at spliced turns; the text between cuts is tokenized in one
             # piece, so the same conversation prefix always yields the same ids.
-            region = self._assistant_region(dicts, index, tools, chain.hexdigest(), prefix)
+            region = self._assistant_region(dicts, index, tools, key, prefix)
             if region is None or region[0] < pos:
                 continue
             start, end = region
             splice = self._splice(full[start:end], generated)
             if splice is None:
                 continue
-            ids.extend(self.encode(full[pos:start]))
+            starts = self._extend_located(ids, starts, full, pos, start)
             begin = len(ids)
             ids.extend(splice)
+            if starts is not None:
+                starts.extend([start] * len(splice))
             spans.append((begin, len(ids)))
             spliced_tokens += len(generated)
             pos = end
-        ids.extend(self.encode(full[pos:]))
+        starts = self._extend_located(ids, starts, full, pos, len(full))
         return RenderedPrompt(
             token_ids=ids,
             text=full,
             spliced_messages=len(spans),
             spliced_tokens=spliced_tokens,
             segments=spans,
+            message_spans=[] if starts is None else _token_ranges(ends, starts),
         )
+
+    def _extend_located(
+        self, ids: list[int], starts: list[int] | None, full: str, a: int, b: int
+    ) -> list[int] | None:
+        """Append the ids of ``full[a:b]``; also their character offsets while the
+        tokenizer can report them (None from then on when it cannot)."""
+        text = full[a:b]
+        if not text:
+            return starts
+        if starts is not None:
+            try:
+                encoded = self.tokenizer(
+                    text, add_special_tokens=False, return_offsets_mapping=True
+                )
+                piece = [int(t) for t in encoded["input_ids"]]
+                offsets = encoded["offset_mapping"]
+            except (NotImplementedError, ValueError, TypeError, KeyError):
+                piece, offsets = [], None
+            if offsets is not None and len(offsets) == len(piece):
+                ids.extend(piece)
+                starts.extend(a + int(o[0]) for o in offsets)
+                return starts
+        ids.extend(self.encode(text))
+        return None
+
+    def _message_end(
+        self,
+        dicts: Sequence[Mapping[str, Any]],
+        index: int,
+        tools: Sequence[Mapping[str, Any]] | None,
+        key: str,
+        prefix: _PrefixHasher,
+    ) -> int | None:
+        """Character end of message ``index`` in the full rendering: the length of the
+        conversation through it, when the full rendering starts with that text. Cached
+        by message-prefix digest like the assistant regions, so a call renders only its
+        new messages."""
+        cached = self._ends.get(key)
+        if cached is not None:
+            self._ends.move_to_end(key)
+            length, digest = cached
+            if prefix.digest(length) == digest:
+                return length
+        try:
+            through = self.apply(dicts[: index + 1], tools, add_generation_prompt=False)
+        except PromptError:
+            return None
+        digest = hashlib.sha256(through.encode()).hexdigest()
+        self._ends[key] = (len(through), digest)
+        while len(self._ends) > self.max_cached_regions:
+            self._ends.popitem(last=False)
+        if prefix.digest(len(through)) != digest:
+            return None
+        return len(through)
 
     def _assistant_region(
         self,
@@ -412,3 +480,20 @@ class PromptRenderer:
         else:
             closing = region[best:]
         return ids + self.encode(closing)
+
+
+def _token_ranges(
+    ends: Sequence[int | None], starts: Sequence[int]
+) -> list[tuple[int, int] | None]:
+    """Token ranges of messages from their character ends: message ``i`` covers the
+    characters from the previous message's end to its own, and a token belongs to the
+    message in which its first character lies."""
+    ranges: list[tuple[int, int] | None] = []
+    previous: int | None = 0
+    for end in ends:
+        if end is None or previous is None:
+            ranges.append(None)
+        else:
+            ranges.append((bisect.bisect_left(starts, previous), bisect.bisect_left(starts, end)))
+        previous = end
+    return ranges

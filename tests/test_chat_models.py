@@ -32,7 +32,7 @@ from pydantic import BaseModel
 from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine, Session
-from langchain_infllm.chat_models import RETRIEVAL_EVENT, ChatInfLLM, clear_engine_registry
+from langchain_infllm.chat_models import ChatInfLLM, clear_engine_registry
 from langchain_infllm.chat_prompt import PromptError, PromptRenderer
 from langchain_infllm.chat_sessions import (
     DEFAULT_SESSION_ID,
@@ -40,6 +40,7 @@ from langchain_infllm.chat_sessions import (
     message_fingerprint,
     thread_session_key,
 )
+from langchain_infllm.tracing import STEP_SUMMARY_EVENT
 
 pytestmark = pytest.mark.real_model  # the Qwen tokenizer comes with the embedded model
 
@@ -545,23 +546,28 @@ class _EventCollector(BaseCallbackHandler):
 def test_retrieval_summary_event_on_the_model_run(llm: ChatInfLLM) -> None:
     handler = _EventCollector()
     result = llm.invoke(LONG_TEXT, config={"callbacks": [handler]})
-    assert [name for name, _, _ in handler.events] == [RETRIEVAL_EVENT]
+    assert [name for name, _, _ in handler.events] == [STEP_SUMMARY_EVENT]
     _, payload, run_id = handler.events[0]
     assert run_id == handler.llm_runs[0]
-    assert payload["retrievals"] > 0 and payload["blocks_retrieved"] > 0
+    assert payload["retrievals"] > 0 and payload["blocks_selected"] > 0
     assert payload["session_id"] == DEFAULT_SESSION_ID
     assert payload["tokens_computed"] == usage(result)["input_tokens"]
-    assert payload["top_blocks"][0]["span"][1] > payload["top_blocks"][0]["span"][0]
+    top = payload["top_blocks"][0]
+    assert top["end"] > top["start"] and top["text"]
+    # One message (the user turn) covering its tokens inside the prompt.
+    (span,) = payload["message_spans"]
+    assert span["role"] == "user" and 0 <= span["start"] < span["end"] <= payload["prompt_tokens"]
     json.dumps(payload)
     summary = result.response_metadata["infllm"]
     assert summary["retrievals"] == payload["retrievals"]
     assert summary["blocks_in_memory"] > 0
+    assert summary["message_spans"][0]["end"] == span["end"]
 
 
 async def test_retrieval_summary_event_async(llm: ChatInfLLM) -> None:
     handler = _EventCollector()
     await llm.ainvoke(LONG_TEXT, config={"callbacks": [handler]})
-    assert [name for name, _, _ in handler.events] == [RETRIEVAL_EVENT]
+    assert [name for name, _, _ in handler.events] == [STEP_SUMMARY_EVENT]
     assert handler.events[0][2] == handler.llm_runs[0]
 
 
