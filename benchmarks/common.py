@@ -33,6 +33,8 @@ def machine() -> dict[str, Any]:
         info["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
+    if hasattr(os, "getloadavg"):  # other jobs share this machine: record how busy it was
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
     try:

@@ -1,0 +1,187 @@
+"""Assemble benchmarks/RESULTS.md from the result files in benchmarks/results/.
+
+    python -m benchmarks.report
+
+Only what the JSON files hold goes into the tables (each section names its machine, load
+and date). Hand-written observations live in benchmarks/results/notes.md and are copied in.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from benchmarks.agent_steps import markdown_summary
+from benchmarks.common import RESULTS_DIR
+from benchmarks.long_context import markdown_table
+from benchmarks.offload_memory import markdown_table as offload_table
+
+OUT = RESULTS_DIR.parent / "RESULTS.md"
+GIB = 2**30
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.exists():
+        return None
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def _machine(m: dict[str, Any]) -> str:
+    load = m.get("load_average_1_5_15min")
+    extra = f", load average {load[0]:.1f} at the end" if load else ""
+    return (f"*{m['date']}; {m['cpu']} ({m['cpu_count']} cores, torch threads "
+            f"{m['torch_threads']}{extra}); torch {m['torch']}, transformers "
+            f"{m.get('transformers', '?')}.*")
+
+
+def _long_context(name: str, title: str) -> list[str]:
+    data = _load(name)
+    if data is None:
+        return []
+    args = data["args"]
+    cfg = data["config"]
+    return [
+        f"### {title}", "",
+        _machine(data["machine"]), "",
+        f"Model `{data['model']}`, config `{data['config_path']}` (block {cfg['block_size']}, "
+        f"n_init {cfg['n_init']}, n_local {cfg['n_local']}, topk {cfg['topk']}), tasks "
+        f"{', '.join(args['tasks'])}, lengths {args['lengths']}, depths {args['depths']}, "
+        f"{args['samples']} sample(s) per cell, seed {args['seed']}; "
+        f"{data['wall_seconds'] / 60:.1f} min.", "",
+        f"Command: `python -m benchmarks.long_context {_argline(args)}`", "",
+        markdown_table(data["rows"], data["native_window"], data["control_length"]),
+        f"![heat map](results/{name}.png)", "",
+        f"Raw rows (predictions, tokens computed, seconds): [`results/{name}.csv`]"
+        f"(results/{name}.csv).", "",
+    ]
+
+
+def _argline(args: dict[str, Any]) -> str:
+    parts = []
+    for key, value in args.items():
+        if value is None or value is False or key in ("one",):
+            continue
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            parts.append(flag)
+        elif isinstance(value, list):
+            parts.append(f"{flag} {' '.join(str(v) for v in value)}")
+        else:
+            parts.append(f"{flag} {value}")
+    return " ".join(parts)
+
+
+def _agent_steps() -> list[str]:
+    data = _load("agent_steps")
+    if data is None:
+        return []
+    args = data["args"]
+    rows = data["rows"]
+    lines = [
+        "## Agent steps: cost per step as the context grows (issue 3)", "",
+        _machine(data["machine"]), "",
+        f"Model `{data['model']}` (native window {data['native_window']}), config "
+        f"`{data['config_path']}`. Each step appends {args['step_tokens']} tokens and "
+        f"generates {args['gen_tokens']} (greedy, no early stop), from "
+        f"{args['start_context']} tokens to {args['max_context']}. InfLLM and the reused "
+        f"DynamicCache are timed every {args['measure_every']} step(s) (the steps between are "
+        f"fast-forwarded untimed); recomputing the whole prompt is timed every "
+        f"{args['recompute_every']} steps only (it is stateless, so skipping steps costs it "
+        f"nothing). Each method ran in its own process. {data['wall_seconds'] / 60:.1f} min.",
+        "",
+        f"Command: `python -m benchmarks.agent_steps {_argline(args)}`", "",
+        markdown_summary(data["summary"]),
+        "Per timed step (s = whole step, p = prompt part; RSS = peak so far):", "",
+    ]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    contexts = sorted({r["context"] for r in rows})
+    by = {(r["method"], r["context"]): r for r in rows}
+    lines.append("| context | " + " | ".join(methods) + " |")
+    lines.append("|" + "---|" * (1 + len(methods)))
+    for ctx in contexts:
+        cells = []
+        for m in methods:
+            r = by.get((m, ctx))
+            cells.append("" if r is None else
+                         f"{r['step_s']:.1f} s (p {r['prefill_s']:.1f}), "
+                         f"{r['computed_tokens']} computed, {r['peak_rss'] / GIB:.2f} GiB")
+        mark = " (beyond native)" if ctx > data["native_window"] else ""
+        lines.append(f"| {ctx}{mark} | " + " | ".join(cells) + " |")
+    lines += ["", "![agent steps](results/agent_steps.png)", ""]
+    return lines
+
+
+def _offload() -> list[str]:
+    data = _load("offload_memory")
+    if data is None:
+        return []
+    cfg = data["config"]
+    rows = data["rows"]
+    real = data.get("real_models_full_kv_at_1m", [])
+    lines = [
+        "## Offload: device-resident vs host memory up to 1M tokens (issue 4)", "",
+        _machine(data["machine"]), "",
+        f"{data['model']}; block {cfg['block_size']}, n_init {cfg['n_init']}, n_local "
+        f"{cfg['n_local']}, topk {cfg['topk']}, max_cached_block {cfg['max_cached_block']}, "
+        f"execution chunks {cfg['exc_block_size']}. On this CPU-only machine host and "
+        f"device are the same memory; the engine's own counters are reported (device = "
+        f"session device tensors + block cache; host = sealed blocks). "
+        f"{data['wall_seconds'] / 60:.1f} min.", "",
+        f"Command: `python -m benchmarks.offload_memory {_argline(data['args'])}`", "",
+        offload_table(rows),
+        "![offload memory](results/offload_memory.png)", "",
+    ]
+    if real:
+        lines += ["Full KV cache at 1M tokens for real models (bf16, computed from their "
+                  "shapes): " + ", ".join(f"{r['model']} {r['full_kv_gib']:.0f} GiB"
+                                         for r in real) + ".", ""]
+    return lines
+
+
+def _prefill() -> list[str]:
+    data = _load("prefill")
+    if data is None:
+        return []
+    lines = ["## Prefill throughput (benchmarks/prefill.py)", "", _machine(data["machine"]), "",
+             f"Model `{data['model']}`, config `{data['config']}`; each (method, length) in "
+             "its own process.", "",
+             "| tokens | InfLLM tok/s | full tok/s | speed ratio | InfLLM peak RSS GiB | "
+             "full peak RSS GiB | RSS ratio |", "|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        lines.append(
+            f"| {r['length']} | {r['infllm']['tokens_per_s']:.0f} | "
+            f"{r['full']['tokens_per_s']:.0f} | {r['speed_ratio']:.2f} | "
+            f"{r['infllm']['peak_rss'] / GIB:.2f} | {r['full']['peak_rss'] / GIB:.2f} | "
+            f"{r['rss_ratio']:.2f} |")
+    lines += ["", "![prefill](results/prefill.png)", ""]
+    return lines
+
+
+def build() -> str:
+    lines = [
+        "# Benchmark results", "",
+        "Generated by `python -m benchmarks.report` from the files in `benchmarks/results/`; "
+        "every number below was measured by the command shown with it. Re-run everything "
+        "with `python -m benchmarks.run_all` (see `benchmarks/README.md`).", "",
+    ]
+    notes = RESULTS_DIR / "notes.md"
+    if notes.exists():
+        lines += [notes.read_text().strip(), ""]
+    lines += ["## Long-context accuracy (issue 8)", ""]
+    lines += _long_context("long_context_in_native", "Within the native window")
+    lines += _long_context("long_context_beyond_native", "Beyond the native window")
+    lines += _agent_steps()
+    lines += _offload()
+    lines += _prefill()
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def main() -> None:
+    OUT.write_text(build())
+    print(f"wrote {OUT}")
+
+
+if __name__ == "__main__":
+    main()
