@@ -32,7 +32,7 @@ from langchain_core.tools import BaseTool
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
-DEFAULT_CONFIG = "config/cpu-small.yaml"
+DEFAULT_CONFIG = "config/agents-cpu.yaml"
 DEFAULT_MAX_TOKENS = 64
 FINISH_WORD = "DONE"
 

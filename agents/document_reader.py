@@ -8,7 +8,7 @@ question is a new user turn answered from memory (the tool is closed by then). T
 local window plus the retrieved blocks cover a small part of the report, so the facts
 must come back through InfLLM's block retrieval.
 
-Run: ``python -m agents.document_reader --config config/cpu-small.yaml --size small``
+Run: ``python -m agents.document_reader --config config/agents-cpu.yaml --size small``
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ class SizeSpec:
 SIZES: dict[str, SizeSpec] = {
     # for tests: a handful of short pages
     "tiny": SizeSpec(pages=4, words_per_page=110, questions=2),
-    # CPU demo: ~4x the attention span of config/cpu-small.yaml (1600 tokens)
+    # CPU demo: 3-4x the attention span of config/agents-cpu.yaml (2112 tokens)
     "small": SizeSpec(pages=8, words_per_page=600, questions=3),
     "medium": SizeSpec(pages=40, words_per_page=400, questions=6),
     # GPU: several times Qwen2.5's native 32K window
@@ -106,19 +106,32 @@ class Document:
         return "\n\n".join(self.pages)
 
 
-def _filler_sentence(rng: random.Random) -> str:
+def _number(rng: random.Random, low: int, high: int, avoid: set[str]) -> int:
+    """A random number in ``[low, high]`` that is not a planted answer."""
+    while True:
+        value = rng.randint(low, high)
+        if str(value) not in avoid:
+            return value
+
+
+def _month(rng: random.Random, avoid: set[str]) -> str:
+    return rng.choice([m for m in _MONTHS if m not in avoid])
+
+
+def _filler_sentence(rng: random.Random, avoid: set[str]) -> str:
     pick = rng.randrange(4)
     if pick == 0:
-        return (f"During {rng.choice(_MONTHS)} the {rng.choice(_TEAMS)} {rng.choice(_VERBS)} "
-                f"{rng.randint(2, 99)} {rng.choice(_OBJECTS)} along the {rng.choice(_AREAS)}.")
+        return (f"During {_month(rng, avoid)} the {rng.choice(_TEAMS)} {rng.choice(_VERBS)} "
+                f"{_number(rng, 2, 99, avoid)} {rng.choice(_OBJECTS)} along the "
+                f"{rng.choice(_AREAS)}.")
     if pick == 1:
-        return (f"At the {rng.choice(_MONTHS)} meeting {rng.choice(_FILLER_PEOPLE)} raised "
+        return (f"At the {_month(rng, avoid)} meeting {rng.choice(_FILLER_PEOPLE)} raised "
                 f"{rng.choice(_TOPICS)}, and {rng.choice(_OUTCOMES)}.")
     if pick == 2:
-        return (f"Work at the {rng.choice(_AREAS)} took {rng.randint(2, 40)} days longer than "
-                f"planned because of {rng.choice(_TOPICS)}.")
-    return (f"The {rng.choice(_TEAMS)} reported {rng.randint(2, 60)} minor incidents near the "
-            f"{rng.choice(_AREAS)}; none of them was serious.")
+        return (f"Work at the {rng.choice(_AREAS)} took {_number(rng, 2, 40, avoid)} days "
+                f"longer than planned because of {rng.choice(_TOPICS)}.")
+    return (f"The {rng.choice(_TEAMS)} reported {_number(rng, 2, 60, avoid)} minor incidents "
+            f"near the {rng.choice(_AREAS)}; none of them was serious.")
 
 
 def _make_facts(rng: random.Random, port: str) -> list[tuple[str, str, str, str]]:
@@ -177,12 +190,13 @@ def generate_document(size: str | SizeSpec = "small", seed: int = 0) -> Document
         for page, (s, q, a, k) in zip(fact_pages, chosen, strict=True)
     ]
     title = f"Yearly report of the Port of {port}"
+    avoid = {fact.answer for fact in facts}
     pages: list[str] = []
     for number in range(1, spec.pages + 1):
         sentences: list[str] = []
         words = 0
         while words < spec.words_per_page:
-            sentence = _filler_sentence(rng)
+            sentence = _filler_sentence(rng, avoid)
             sentences.append(sentence)
             words += len(sentence.split())
         for fact in facts:

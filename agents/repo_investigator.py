@@ -8,7 +8,7 @@ plan (list the tree, read the README and config, grep for a function, read the o
 then read module after module); each tool result names the next call. Afterwards each
 question is a new user turn, answered from memory (the tools are closed by then).
 
-Run: ``python -m agents.repo_investigator --config config/cpu-small.yaml --size small``
+Run: ``python -m agents.repo_investigator --config config/agents-cpu.yaml --size small``
 """
 
 from __future__ import annotations
@@ -53,8 +53,8 @@ class SizeSpec:
 
 SIZES: dict[str, SizeSpec] = {
     "tiny": SizeSpec(modules=4, read_modules=1, functions_per_module=2, questions=2),
-    # CPU demo: ~4x the attention span of config/cpu-small.yaml (1600 tokens)
-    "small": SizeSpec(modules=10, read_modules=4, functions_per_module=7, questions=3),
+    # CPU demo: 3-4x the attention span of config/agents-cpu.yaml (2112 tokens)
+    "small": SizeSpec(modules=10, read_modules=6, functions_per_module=7, questions=3),
     "medium": SizeSpec(modules=40, read_modules=20, functions_per_module=9, questions=4),
     # GPU: several times Qwen2.5's native 32K window
     "large": SizeSpec(modules=160, read_modules=110, functions_per_module=10, questions=5),
@@ -153,7 +153,7 @@ def _function(rng: random.Random, name: str, project: str) -> str:
 def _module(rng: random.Random, project: str, package: str, functions: int,
             used: set[str], extra: str = "") -> str:
     names = [_identifier(rng, used) for _ in range(functions)]
-    constant = f"DEFAULT_{rng.choice(_NOUNS).upper()}_LIMIT = {rng.randint(2, 99)}"
+    constant = f"DEFAULT_{rng.choice(_NOUNS).upper()}_LIMIT = {rng.randint(100, 999)}"
     parts = [
         f"\"\"\"{project}.{package}: helpers for {rng.choice(_ADJECTIVES)} "
         f"{_plural(rng.choice(_NOUNS))}.\"\"\"\n\nfrom __future__ import annotations\n\n"
@@ -176,7 +176,8 @@ def generate_workspace(size: str | SizeSpec = "small", seed: int = 0) -> Workspa
     owners = rng.sample(_PEOPLE, 3)
     billing_owner, maintainer, storage_owner = owners
     port, metrics_port = rng.sample(range(8000, 9999), 2)
-    retries, backoff = rng.sample(range(11, 60), 2)
+    # above every function's default limit (2..64), below the module constants
+    retries, backoff = rng.sample(range(65, 100), 2)
     incident, other_incident = rng.sample(range(1000, 9999), 2)
     files: dict[str, str] = {}
     src = f"src/{project}"
