@@ -45,6 +45,18 @@ class InfLLMForwardContext:
     next_uid: Callable[[], int]
     record: Callable[[RetrievalRecord], None] | None = None
     calls: list[int] = field(default_factory=list)
+    masks: dict[tuple[int, ...], ChunkMasks] = field(default_factory=dict)
+    """Visibility masks per chunk layout; every layer of one call shares them."""
+
+
+@dataclass(frozen=True)
+class ChunkMasks:
+    """Where visibility changes inside one chunk's logits (see `_mask_bands`)."""
+
+    future: torch.Tensor  # [c, n_loc - right]: local keys ahead of the query
+    right: int
+    too_far: torch.Tensor  # [c, left]: local keys n_local or more behind the query
+    too_near: torch.Tensor | None  # [c, n_rem]: remainder keys not yet n_local behind
 
 
 def infllm_attention_forward(
@@ -112,8 +124,9 @@ def attend_chunk(
     memory.append_tail(k, v)
     tail_start = memory.tail_start
     device = q.device
-    # Scale queries once (cheaper than scaling the logits); ordering of scores is unchanged.
-    q = q * scaling
+    out_dtype = q.dtype
+    # Queries in fp32, scaled once (cheaper than scaling the logits).
+    q = q.to(torch.float32) * scaling
     # Memory side: start the block copies first so they overlap the local attention.
     q_mem = ctx.rope.rotate(q, n_local, same=True)
     pending = None
@@ -148,12 +161,15 @@ def attend_chunk(
     loc_k = tail_k[:, local_lo - tail_start : end - tail_start]
     loc_v = tail_v[:, local_lo - tail_start : end - tail_start]
     n_loc = loc_k.shape[1]
-    key_pos = torch.arange(local_lo, end, device=device)
-    query_pos = torch.arange(start, end, device=device)
-    q_loc = ctx.rope.rotate(q, start - local_lo)
-    k_loc = ctx.rope.rotate(loc_k, 0)
-
     n_rem = max(0, end - n_local - tail_start)
+
+    # Logits, softmax and the weighted sum run in fp32 whatever the model's dtype: the
+    # big [heads, c, keys] tensors are then written once, never converted, and the
+    # attention mass that picks representative keys is accumulated at full precision.
+    f32 = torch.float32
+    q_loc = ctx.rope.rotate(q, start - local_lo).reshape(kv_heads, groups * c, d)
+    k_loc = ctx.rope.rotate(loc_k.to(f32), 0)
+
     mem_k_parts = [memory.init_k]
     mem_v_parts = [memory.init_v]
     if pending is not None:
@@ -162,66 +178,78 @@ def attend_chunk(
         mem_v_parts.extend(blk_v)
     mem_k_parts.append(tail_k[:, :n_rem])
     mem_v_parts.append(tail_v[:, :n_rem])
-    mem_k = torch.cat(mem_k_parts, dim=1)
-    mem_v = torch.cat(mem_v_parts, dim=1)
+    mem_k = torch.cat(mem_k_parts, dim=1).to(f32)
+    mem_v = torch.cat(mem_v_parts, dim=1).to(f32)
     n_mem = mem_k.shape[1]
 
     # One logits buffer for both parts, so a single softmax normalises over their union.
-    logits = torch.empty(kv_heads, groups * c, n_loc + n_mem, dtype=q.dtype, device=device)
-    torch.bmm(q_loc.reshape(kv_heads, groups * c, d), k_loc.transpose(1, 2),
-              out=logits[:, :, :n_loc])
+    logits = torch.empty(kv_heads, groups * c, n_loc + n_mem, dtype=f32, device=device)
+    torch.bmm(q_loc, k_loc.transpose(1, 2), out=logits[:, :, :n_loc])
     torch.bmm(q_mem.reshape(kv_heads, groups * c, d), mem_k.transpose(1, 2),
               out=logits[:, :, n_loc:])
-    _mask_bands(logits.view(kv_heads, groups, c, n_loc + n_mem), query_pos, key_pos,
-                n_local, n_rem, tail_start)
-    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
-    p = probs.to(v.dtype)
-    out = torch.bmm(p[:, :, :n_loc], loc_v)
-    out.baddbmm_(p[:, :, n_loc:], mem_v)  # [kv_heads, groups*c, d]
+    masks = _chunk_masks(ctx, start, end, local_lo, tail_start, n_rem, device)
+    _mask_bands(logits.view(kv_heads, groups, c, n_loc + n_mem), masks)
+    probs = torch.softmax(logits, dim=-1)
+    out = torch.bmm(probs[:, :, :n_loc], loc_v.to(f32))
+    out.baddbmm_(probs[:, :, n_loc:], mem_v)  # [kv_heads, groups*c, d]
 
     # Attention mass each local key received: the basis of representative keys.
-    mass = probs[:, :, :n_loc].reshape(kv_heads, groups, c, n_loc).sum(dim=2)
+    mass = probs[:, :, :n_loc].view(kv_heads, groups, c, n_loc).sum(dim=2)
     memory.add_tail_scores(local_lo, mass.reshape(heads, n_loc))
     memory.seal(end - n_local + 1, ctx.next_uid)
-    return out.reshape(heads, c, d)
+    return out.reshape(heads, c, d).to(out_dtype)
 
 
-def _mask_bands(
-    logits: torch.Tensor,
-    query_pos: torch.Tensor,
-    key_pos: torch.Tensor,
-    n_local: int,
-    n_rem: int,
+def _chunk_masks(
+    ctx: InfLLMForwardContext,
+    start: int,
+    end: int,
+    local_lo: int,
     tail_start: int,
-) -> None:
-    """Mask the only regions where visibility changes, in place (`logits [kvh, g, c, n]`).
+    n_rem: int,
+    device: torch.device,
+) -> ChunkMasks:
+    """The chunk's visibility masks, built once and reused by every layer.
 
     Local keys are the columns `[0, n_loc)`: the last `c` may lie in a query's future,
     the first `c` may be `n_local` or more behind it. The remainder (last `n_rem`
     columns) is visible only once a query is `n_local` ahead. Sinks and blocks in between
     are always visible, so they are never touched.
     """
-    c = query_pos.shape[0]
-    n_loc = key_pos.shape[0]
-    qp = query_pos[:, None]
+    key = (start, end, local_lo, tail_start, n_rem)
+    found = ctx.masks.get(key)
+    if found is not None:
+        return found
+    n_local = ctx.n_local
+    c = end - start
+    n_loc = end - local_lo
+    qp = torch.arange(start, end, device=device)[:, None]
+    key_pos = torch.arange(local_lo, end, device=device)
     right = max(0, n_loc - c)
-    future = key_pos[None, right:] > qp
-    logits[..., right:n_loc].masked_fill_(future, float("-inf"))
     left = min(c, n_loc)
-    too_far = (qp - key_pos[None, :left]) >= n_local
-    logits[..., :left].masked_fill_(too_far, float("-inf"))
+    too_near = None
     if n_rem:
-        n = logits.shape[-1]
-        rem_pos = torch.arange(tail_start, tail_start + n_rem, device=query_pos.device)
+        rem_pos = torch.arange(tail_start, tail_start + n_rem, device=device)
         too_near = (qp - rem_pos[None, :]) < n_local
-        logits[..., n - n_rem :].masked_fill_(too_near, float("-inf"))
+    masks = ChunkMasks(
+        future=key_pos[None, right:] > qp,
+        right=right,
+        too_far=(qp - key_pos[None, :left]) >= n_local,
+        too_near=too_near,
+    )
+    ctx.masks[key] = masks
+    return masks
 
 
-def _scores(q: torch.Tensor, k: torch.Tensor, kv_heads: int, scaling: float) -> torch.Tensor:
-    """`q [heads, c, d]`, `k [kv_heads, n, d]` -> fp32 logits `[kv_heads, groups*c, n]`."""
-    heads, c, d = q.shape
-    grouped = q.reshape(kv_heads, (heads // kv_heads) * c, d)
-    return torch.bmm(grouped, k.transpose(1, 2)).to(torch.float32) * scaling
+def _mask_bands(logits: torch.Tensor, masks: ChunkMasks) -> None:
+    """Apply a chunk's masks in place to `logits [kv_heads, groups, c, n_loc + n_mem]`."""
+    right = masks.right
+    n_loc = right + masks.future.shape[1]
+    logits[..., right:n_loc].masked_fill_(masks.future, float("-inf"))
+    logits[..., : masks.too_far.shape[1]].masked_fill_(masks.too_far, float("-inf"))
+    if masks.too_near is not None:
+        n_rem = masks.too_near.shape[1]
+        logits[..., logits.shape[-1] - n_rem :].masked_fill_(masks.too_near, float("-inf"))
 
 
 def _select_blocks(
