@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from benchmarks.common import machine, peak_rss_bytes, run_isolated, write_results
+from benchmarks.common import machine, peak_rss_bytes, run_isolated, set_threads, write_results
 
 
 def _one(method: str, model_name: str, length: int, config_path: str) -> dict[str, float]:
@@ -46,8 +46,11 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct")
     parser.add_argument("--config", default="config/smollm2-cpu.yaml")
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192, 32768])
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (1 avoids oversubscription on a shared 2-core box)")
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "LENGTH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_threads(args.threads)
     if args.one:
         print(json.dumps(_one(args.one[0], args.model, int(args.one[1]), args.config)))
         return
@@ -55,8 +58,10 @@ def main() -> None:
     for length in args.lengths:
         row: dict[str, object] = {"length": length}
         for method in ("infllm", "full"):
+            threads = ["--threads", str(args.threads)] if args.threads else []
             res = run_isolated("benchmarks.prefill", ["--model", args.model, "--config",
-                                                       args.config, "--one", method, str(length)])
+                                                       args.config, *threads,
+                                                       "--one", method, str(length)])
             row[method] = res
             print(f"{method:7s} {length:6d} tokens: {res['tokens_per_s']:8.0f} tok/s, "
                   f"peak RSS {res['peak_rss'] / 2**30:.2f} GiB", flush=True)

@@ -24,16 +24,15 @@ RESULTS: dict[str, list[list[str]]] = {
          "--lengths", "6144", "--depths", "0.25", "0.75", "--methods", "infllm", "full",
          "truncate", "--name", "long_context_in_native", *THREADS],
         ["benchmarks.long_context", "--tasks", "passkey", "--lengths", "16384",
-         "--depths", "0.25", "0.75", "--methods", "infllm", "sinks_window", "full", "truncate",
-         "control", "--full-max-length", "16384", "--name", "long_context_beyond_native",
-         *THREADS],
+         "--depths", "0.25", "0.75", "--methods", "infllm", "sinks_window", "truncate",
+         "control", "--name", "long_context_beyond_native", *THREADS],
     ],
     "agent_steps": [
         ["benchmarks.agent_steps", "--max-context", "32768", "--measure-every", "8",
          "--recompute-every", "16", *THREADS],
     ],
     "offload_memory": [["benchmarks.offload_memory", *THREADS]],
-    "prefill": [["benchmarks.prefill", "--lengths", "2048", "8192"]],
+    "prefill": [["benchmarks.prefill", "--lengths", "2048", "8192", *THREADS]],
 }
 
 QUICK: dict[str, list[list[str]]] = {
@@ -49,7 +48,7 @@ QUICK: dict[str, list[list[str]]] = {
         ["benchmarks.offload_memory", "--max-context", "65536", "--measure-full-up-to",
          "16384", "--name", "offload_memory_quick", *THREADS],
     ],
-    "prefill": [["benchmarks.prefill", "--lengths", "2048"]],
+    "prefill": [["benchmarks.prefill", "--lengths", "2048", *THREADS]],
 }
 
 
