@@ -23,7 +23,7 @@ import json
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from langchain_core.messages import (
     AIMessage,
@@ -266,7 +266,10 @@ class PromptRenderer:
         self.tool_format = _tool_format(str(template), self.template_supports_tools)
         self.end_of_turn_ids = tuple(dict.fromkeys(int(i) for i in end_of_turn_ids))
         self.max_cached_regions = 100_000
-        self._regions: OrderedDict[str, tuple[int, int, str]] = OrderedDict()
+        # Per message-prefix digest: where the turn's generation prompt ends (-1: the
+        # template does not render the turn as a region after it), and the conversation's
+        # length through the message with a digest of that text.
+        self._regions: OrderedDict[str, int] = OrderedDict()
         self._ends: OrderedDict[str, tuple[int, str]] = OrderedDict()
         self._end_of_turn_texts = [
             text
@@ -331,14 +334,13 @@ class PromptRenderer:
         spliced_tokens = 0
         pos = 0
         # Rolling digest of the message prefix (the cache key of a turn's boundaries) and
-        # running hashes of `full`, which verify cached boundaries in linear time.
+        # a running hash of `full`, which verifies cached boundaries in linear time.
         chain = hashlib.sha256(_stable_json(list(tools or [])).encode())
         prefix = _PrefixHasher(full)
-        end_prefix = _PrefixHasher(full)
         for index, message in enumerate(messages):
             chain.update(_stable_json(dicts[index]).encode())
             key = chain.hexdigest()
-            ends.append(self._message_end(dicts, index, tools, key, end_prefix))
+            ends.append(self._message_end(dicts, index, tools, key, prefix))
             if not isinstance(message, AIMessage) or lookup is None:
                 continue
             generated = lookup(message)
@@ -346,7 +348,7 @@ class PromptRenderer:
                 continue
             # Cuts happen only at spliced turns; the text between cuts is tokenized in one
             # piece, so the same conversation prefix always yields the same ids.
-            region = self._assistant_region(dicts, index, tools, key, prefix)
+            region = self._assistant_region(dicts, index, tools, key, full, ends[-1])
             if region is None or region[0] < pos:
                 continue
             start, end = region
@@ -407,9 +409,8 @@ class PromptRenderer:
         conversation through it, when the full rendering starts with that text. Cached
         by message-prefix digest like the assistant regions, so a call renders only its
         new messages."""
-        cached = self._ends.get(key)
+        cached = _cache_get(self._ends, key)
         if cached is not None:
-            self._ends.move_to_end(key)
             length, digest = cached
             if prefix.digest(length) == digest:
                 return length
@@ -418,9 +419,7 @@ class PromptRenderer:
         except PromptError:
             return None
         digest = hashlib.sha256(through.encode()).hexdigest()
-        self._ends[key] = (len(through), digest)
-        while len(self._ends) > self.max_cached_regions:
-            self._ends.popitem(last=False)
+        _cache_put(self._ends, key, (len(through), digest), self.max_cached_regions)
         if prefix.digest(len(through)) != digest:
             return None
         return len(through)
@@ -431,37 +430,28 @@ class PromptRenderer:
         index: int,
         tools: Sequence[Mapping[str, Any]] | None,
         key: str,
-        prefix: _PrefixHasher,
+        full: str,
+        through_len: int | None,
     ) -> tuple[int, int] | None:
         """Character span of assistant turn ``index`` in the full rendering: from the end
         of the generation prompt to the end of the turn, if the template renders it so.
 
-        Boundaries are cached by a digest of ``dicts[: index + 1]`` (and the tools); a
-        cached entry is used only if the full rendering really starts with the text it
-        was computed from, so a template whose output changes (dates, ...) is re-rendered.
+        ``through_len`` is the turn's verified end (see ``_message_end``): the full text
+        starts with the conversation through this turn, so the start of the turn, cached
+        by the same message-prefix digest, is valid whenever the end is.
         """
-        if index == 0:
+        if index == 0 or through_len is None:
             return None
-        cached = self._regions.get(key)
-        if cached is not None:
-            self._regions.move_to_end(key)
-            before_len, through_len, through_digest = cached
-            if prefix.digest(through_len) == through_digest:
-                return before_len, through_len
-        try:
-            before = self.apply(dicts[:index], tools, add_generation_prompt=True)
-            through = self.apply(dicts[: index + 1], tools, add_generation_prompt=False)
-        except PromptError:
-            return None
-        if not (len(before) <= len(through) and through.startswith(before)):
-            return None
-        digest = hashlib.sha256(through.encode()).hexdigest()
-        self._regions[key] = (len(before), len(through), digest)
-        while len(self._regions) > self.max_cached_regions:
-            self._regions.popitem(last=False)
-        if prefix.digest(len(through)) != digest:
-            return None
-        return len(before), len(through)
+        before_len = _cache_get(self._regions, key)
+        if before_len is None:
+            try:
+                before = self.apply(dicts[:index], tools, add_generation_prompt=True)
+            except PromptError:
+                return None
+            fits = len(before) <= through_len and full.startswith(before)
+            before_len = len(before) if fits else -1
+            _cache_put(self._regions, key, before_len, self.max_cached_regions)
+        return None if before_len < 0 else (before_len, through_len)
 
     def _splice(self, region: str, generated: Sequence[int]) -> list[int] | None:
         """The generated ids plus the template's closing of the turn, or None when the
@@ -497,3 +487,20 @@ def _token_ranges(
             ranges.append((bisect.bisect_left(starts, previous), bisect.bisect_left(starts, end)))
         previous = end
     return ranges
+
+
+_V = TypeVar("_V")
+
+
+def _cache_get(cache: OrderedDict[str, _V], key: str) -> _V | None:
+    """LRU lookup: a hit becomes the most recently used entry."""
+    value = cache.get(key)
+    if value is not None:
+        cache.move_to_end(key)
+    return value
+
+
+def _cache_put(cache: OrderedDict[str, _V], key: str, value: _V, limit: int) -> None:
+    cache[key] = value
+    while len(cache) > limit:
+        cache.popitem(last=False)
