@@ -6,9 +6,13 @@
 
 Same model, same prompts, one run. Methods:
 
-* ``infllm``: this engine with the given config (prefilled once per prompt; the prompts of
-  one (task, length, sample) differ only from the needle on, so depths are visited
-  deepest-first and ``session.sync`` reuses the shared prefix).
+* ``infllm``: this engine with the given config, a fresh session prefilled once per prompt.
+  With ``--reuse-prefix`` the depths of one (task, length, sample), whose prompts differ
+  only from the needle on, share one session: deepest needle first, ``session.sync``
+  truncates to the shared prefix and computes the rest. That is cheaper but not neutral:
+  the prefill chunks then start at other positions and the representatives of the kept
+  blocks carry attention mass from the removed suffix, so answers can differ from a fresh
+  prefill (measured: see RESULTS.md).
 * ``sinks_window``: the same engine with ``topk=0`` (attention sinks + local window only).
 * ``full``: the unmodified model (sdpa), only where prompt + answer fit the native window,
   unless ``--full-max-length`` allows more; such cells are marked beyond-native (†).
@@ -136,6 +140,7 @@ def run_long_context(
     control_length: int | None = None,
     max_new_tokens: int | None = None,
     vanilla_chunk: int = 4096,
+    reuse_prefix: bool = False,
     log: Callable[[str], None] = lambda _: None,
 ) -> LongContextRun:
     """The accuracy grid; one row per (task, length, depth, sample, method)."""
@@ -187,6 +192,8 @@ def run_long_context(
                 for method, engine in engines.items():
                     session = engine.new_session()
                     for case in cases:
+                        if not reuse_prefix:
+                            session = engine.new_session()
                         began = time.perf_counter()
                         step = session.sync(case.ids)
                         produced = engine_generate(session, new, stop)
@@ -367,6 +374,9 @@ def main() -> None:
     parser.add_argument("--control-length", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="override the per-task answer budget")
+    parser.add_argument("--reuse-prefix", action="store_true",
+                        help="engine methods: one session per (task, length, sample), synced "
+                             "from prompt to prompt (cheaper; changes answers, see docstring)")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--name", default="long_context", help="results file stem")
     args = parser.parse_args()
@@ -382,7 +392,7 @@ def main() -> None:
         lengths=args.lengths, depths=args.depths, samples=args.samples, seed=args.seed,
         methods=args.methods, full_max_length=args.full_max_length,
         control_length=args.control_length, max_new_tokens=args.max_new_tokens,
-        log=lambda s: print(s, flush=True),
+        reuse_prefix=args.reuse_prefix, log=lambda s: print(s, flush=True),
     )
     table = markdown_table(run.rows, run.native, run.control_length)
     info = machine()

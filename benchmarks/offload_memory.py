@@ -96,8 +96,12 @@ def run_offload_memory(
     label: str = "infllm",
     seed: int = 0,
     log: Callable[[str], None] = lambda _: None,
+    on_row: Callable[[list[dict[str, Any]]], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Grow one session through `checkpoints` (token counts); one row per checkpoint."""
+    """Grow one session through `checkpoints` (token counts); one row per checkpoint.
+
+    `on_row(rows_so_far)` runs after each checkpoint (the CLI saves partial results).
+    """
     from langchain_infllm import InfLLMEngine
 
     engine = InfLLMEngine(model, None, config)
@@ -128,7 +132,9 @@ def run_offload_memory(
         r = rows[-1]
         log(f"{label:12s} {r['context']:8d} tokens: device {r['device_bytes'] / MIB:8.2f} MiB "
             f"host {r['host_bytes'] / MIB:8.2f} MiB "
-            f"full KV {r['full_kv_bytes_computed'] / MIB:8.2f} MiB ({r['elapsed_s']:.0f} s)")
+            f"full KV {r['full_kv_bytes_computed'] / MIB:8.2f} MiB rss {r['rss'] / MIB:8.0f} MiB "
+            f"({r['elapsed_s']:.0f} s)")
+        on_row(rows)
     return rows
 
 
@@ -253,7 +259,18 @@ def main() -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     began = time.perf_counter()
     config = reference_config(light=not args.reference_window)
-    rows = run_offload_memory(tiny_llama(), config, checkpoints, label="infllm", log=log)
+    info = machine()
+
+    def save(rows: list[dict[str, Any]], partial: bool = True) -> Any:
+        return write_results(args.name, {
+            "machine": info, "args": vars(args), "config": config.model_dump(),
+            "model": "tiny random Llama: 2 layers, 4/2 heads, head_dim 16, fp32",
+            "partial": partial, "wall_seconds": time.perf_counter() - began, "rows": rows,
+            "real_models_full_kv_at_1m": real_model_table(),
+        })
+
+    rows = run_offload_memory(tiny_llama(), config, checkpoints, label="infllm", log=log,
+                              on_row=save)
     if args.repr_on_host_too:
         rows += run_offload_memory(tiny_llama(), engine_config(config, repr_on_host=True),
                                    checkpoints, label="infllm_repr_on_host", log=log)
@@ -267,12 +284,7 @@ def main() -> None:
     (RESULTS_DIR / f"{args.name}.md").write_text(
         f"# Offload memory (tiny Llama)\n\n{info['date']}, {info['cpu']}\n\n"
         + table)
-    path = write_results(args.name, {
-        "machine": info, "args": vars(args), "config": config.model_dump(),
-        "model": "tiny random Llama: 2 layers, 4/2 heads, head_dim 16, fp32",
-        "wall_seconds": time.perf_counter() - began, "rows": rows,
-        "real_models_full_kv_at_1m": real_model_table(),
-    })
+    path = save(rows, partial=False)
     write_csv(args.name, rows)
     plot(rows, path.with_suffix(".png"),
          title=f"tiny Llama, block {config.block_size}, n_local {config.n_local}, topk "

@@ -50,7 +50,10 @@ def _long_context(name: str, title: str) -> list[str]:
         f"{', '.join(args['tasks'])}, lengths {args['lengths']}, depths {args['depths']}, "
         f"{args['samples']} sample(s) per cell, seed {args['seed']}; "
         f"{data['wall_seconds'] / 60:.1f} min.", "",
-        f"Command: `python -m benchmarks.long_context {_argline(args)}`", "",
+        f"Command: `python -m benchmarks.long_context {_argline(args)}`"
+        + ("" if "reuse_prefix" in args else
+           " (run when prefix reuse was the default: the same as adding `--reuse-prefix`)"),
+        "",
         markdown_table(data["rows"], data["native_window"], data["control_length"]),
         f"![heat map](results/{name}.png)", "",
         f"Raw rows (predictions, tokens computed, seconds): [`results/{name}.csv`]"

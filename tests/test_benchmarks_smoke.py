@@ -64,7 +64,7 @@ def test_long_context_grid(tmp_path: Path) -> None:
                                     "exc_block_size": 128, "chunk_size": 512})
     run = run_long_context(
         engine_model, vanilla, CharCodec(97), config, tasks=["passkey"], lengths=[700, 1400],
-        depths=[0.3, 0.7], native=1000, max_new_tokens=4,
+        depths=[0.3, 0.7], native=1000, max_new_tokens=4, reuse_prefix=True,
     )
     rows = run.rows
     methods = {"infllm", "sinks_window", "full", "truncate", "control"}
@@ -89,6 +89,12 @@ def test_long_context_grid(tmp_path: Path) -> None:
     assert first["computed_tokens"] == first["prompt_tokens"]
     assert 0 < second["reused_tokens"] < second["prompt_tokens"]
     assert second["computed_tokens"] + second["reused_tokens"] == second["prompt_tokens"]
+    fresh = run_long_context(
+        engine_model, vanilla, CharCodec(97), config, tasks=["passkey"], lengths=[1400],
+        depths=[0.3, 0.7], native=1000, max_new_tokens=4, methods=["infllm"],
+    )
+    for r in fresh.rows:  # default: a fresh session per prompt
+        assert r["computed_tokens"] == r["prompt_tokens"] and r["reused_tokens"] == 0
     table = markdown_table(rows, run.native, run.control_length)
     assert "| passkey | 1400 | 0.3 |" in table and "InfLLM" in table
     heatmap(rows, tmp_path / "h.png")
