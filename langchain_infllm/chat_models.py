@@ -193,6 +193,7 @@ class _Outcome:
     computed_tokens: int = 0
     prefill_seconds: float = 0.0
     scored_tokens: int = 0
+    summary: dict[str, Any] | None = None
     decode_seconds: float = 0.0
     token_ids: list[int] = field(default_factory=list)
     """The session's tokens after the turn (kept only when tracing, to decode block text)."""
@@ -797,8 +798,11 @@ class ChatInfLLM(BaseChatModel):
     def _summary(self, plan: _Plan) -> dict[str, Any]:
         """``response_metadata["infllm"]``: reuse, memory and retrieval figures of the call,
         the most recalled blocks and, when tracing, where each input message sits (so a
-        trace handler can map recalled blocks to messages from the metadata alone)."""
+        trace handler can map recalled blocks to messages from the metadata alone).
+        Computed once per call (metadata and trace events share it)."""
         out = plan.outcome
+        if out.summary is not None:
+            return dict(out.summary)
         digest = tracing.summarize_retrievals(out.records, max_blocks=8)
         stats = out.stats
         summary: dict[str, Any] = {
@@ -829,7 +833,8 @@ class ChatInfLLM(BaseChatModel):
                 {k: span[k] for k in ("index", "role", "start", "end")}
                 for span in self._message_spans(plan)
             ]
-        return summary
+        out.summary = summary
+        return dict(summary)
 
     @staticmethod
     def _message_spans(plan: _Plan) -> list[dict[str, Any]]:
