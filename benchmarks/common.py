@@ -33,6 +33,17 @@ def machine() -> dict[str, Any]:
         info["transformers"] = transformers.__version__
     except ImportError:  # pragma: no cover
         pass
+    try:  # which engine code ran (a dirty tree means uncommitted edits were present)
+        root = Path(__file__).resolve().parent.parent
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"],
+                                capture_output=True, text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--",
+                                "langchain_infllm"], capture_output=True, text=True,
+                               check=False).stdout.strip()
+        if commit:
+            info["git_commit"] = commit + (" (engine files modified)" if dirty else "")
+    except OSError:  # pragma: no cover
+        pass
     if hasattr(os, "getloadavg"):  # other jobs share this machine: record how busy it was
         info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():

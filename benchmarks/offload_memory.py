@@ -222,9 +222,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         if r["method"] in labels:
             by_ctx.setdefault(r["context"], {})[r["method"]] = r
     head = "| context | full KV computed (MiB) | full KV measured (MiB) | "
-    head += " | ".join(f"{lb} device (MiB) | of which representatives | {lb} host (MiB)"
-                       for lb in labels) + " |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(labels))]
+    head += " | ".join(f"{lb} device (MiB) | of which representatives | {lb} host (MiB) | "
+                       "process RSS (MiB)" for lb in labels) + " |"
+    lines = [head, "|" + "---|" * (3 + 4 * len(labels))]
     for ctx in sorted(by_ctx):
         cells = by_ctx[ctx]
         full = next(iter(cells.values()))["full_kv_bytes_computed"] / mib
@@ -232,9 +232,9 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
         parts = []
         for lb in labels:
             r = cells.get(lb)
-            parts.append("— | — | —" if r is None else
+            parts.append("— | — | — | —" if r is None else
                          f"{r['device_bytes'] / mib:.2f} | {r['repr_bytes'] / mib:.2f} | "
-                         f"{r['host_bytes'] / mib:.2f}")
+                         f"{r['host_bytes'] / mib:.2f} | {r['rss'] / mib:.0f}")
         lines.append(f"| {ctx} | {full:.2f} | {meas} | " + " | ".join(parts) + " |")
     return "\n".join(lines) + "\n"
 
