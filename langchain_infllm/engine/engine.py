@@ -21,6 +21,7 @@ from langchain_infllm.config import InfLLMConfig
 from langchain_infllm.engine.architectures import check_supported, layer_shape
 from langchain_infllm.engine.attention import ATTENTION_NAME, infllm_attention_forward
 from langchain_infllm.engine.block_cache import DeviceBlockCache
+from langchain_infllm.engine.budget import check_device_fit, estimate_device_budget
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.rope import RotaryTable
 from langchain_infllm.engine.session import Session
@@ -29,6 +30,8 @@ from langchain_infllm.engine.store import SessionStore
 logger = logging.getLogger(__name__)
 
 _REGISTER_LOCK = threading.Lock()
+# Context length the device fit is checked for when the config sets no max_context.
+FIT_CHECK_CONTEXT = 131_072
 
 
 def _no_mask(*args: Any, **kwargs: Any) -> None:
@@ -100,6 +103,19 @@ class InfLLMEngine:
         self._alive: weakref.WeakSet[Session] = weakref.WeakSet()
         self._alive_lock = threading.Lock()
         self.sessions = SessionStore(self, spill_dir=spill_dir)
+        self.device_budget = estimate_device_budget(
+            cfg,
+            self.shape,
+            num_layers=self.num_layers,
+            hidden_size=int(getattr(model_config, "hidden_size", 0) or 0),
+            intermediate_size=int(getattr(model_config, "intermediate_size", 0) or 0),
+            vocab_size=self.vocab_size,
+            dtype=self.dtype,
+            weights_bytes=sum(p.numel() * p.element_size() for p in model.parameters()),
+        )
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            check_device_fit(self.device_budget, free, cfg.max_context or FIT_CHECK_CONTEXT)
 
     # ----------------------------------------------------------- construction
     @classmethod
