@@ -296,7 +296,23 @@ def main() -> None:
         return
     passthrough = [a for a in sys.argv[1:] if a not in ("--methods", *METHODS)]
     began = time.perf_counter()
+    from transformers import AutoConfig
+
+    from langchain_infllm.models.embedded import ensure_embedded_model, is_embedded_model
+
+    source = ensure_embedded_model(args.model) if is_embedded_model(args.model) else args.model
+    native = int(getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", 0))
+    info = machine()
     rows: list[dict[str, Any]] = []
+
+    def save(partial: bool) -> Any:  # after every method, so a stopped run keeps its data
+        return write_results(args.name, {
+            "machine": info, "model": args.model, "config_path": args.config,
+            "args": vars(args), "native_window": native, "partial": partial,
+            "wall_seconds": time.perf_counter() - began, "summary": summarize(rows),
+            "rows": rows,
+        })
+
     for method in args.methods:
         print(f"--- {method}", flush=True)
         result = run_isolated("benchmarks.agent_steps", [*passthrough, "--one", method])
@@ -305,19 +321,9 @@ def main() -> None:
             print(f"{method:14s} context {r['context']:6d}: step {r['step_s']:7.2f}s "
                   f"prefill {r['prefill_s']:6.2f}s computed {r['computed_tokens']:6d} "
                   f"peak RSS {r['peak_rss'] / 2**30:.2f} GiB", flush=True)
-    from transformers import AutoConfig
-
-    from langchain_infllm.models.embedded import ensure_embedded_model, is_embedded_model
-
-    source = ensure_embedded_model(args.model) if is_embedded_model(args.model) else args.model
-    native = int(getattr(AutoConfig.from_pretrained(source), "max_position_embeddings", 0))
+        save(partial=True)
     summary = summarize(rows)
-    info = machine()
-    path = write_results(args.name, {
-        "machine": info, "model": args.model, "config_path": args.config, "args": vars(args),
-        "native_window": native, "wall_seconds": time.perf_counter() - began,
-        "summary": summary, "rows": rows,
-    })
+    path = save(partial=False)
     write_csv(args.name, rows)
     plot(rows, path.with_suffix(".png"), native,
          title=f"{args.model}, {args.step_tokens} new + {args.gen_tokens} generated tokens per "
