@@ -124,7 +124,7 @@ def _offload() -> list[str]:
     rows = data["rows"]
     real = data.get("real_models_full_kv_at_1m", [])
     lines = [
-        "## Offload: device-resident vs host memory up to 1M tokens (issue 4)", "",
+        "## Offload: device-resident vs host memory as the context grows (issue 4)", "",
         _machine(data["machine"]), "",
         f"{data['model']}; block {cfg['block_size']}, n_init {cfg['n_init']}, n_local "
         f"{cfg['n_local']}, topk {cfg['topk']}, max_cached_block {cfg['max_cached_block']}, "
