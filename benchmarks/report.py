@@ -76,14 +76,14 @@ def _argline(args: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def _agent_steps() -> list[str]:
-    data = _load("agent_steps")
+def _agent_steps(name: str, title: str) -> list[str]:
+    data = _load(name)
     if data is None:
         return []
     args = data["args"]
     rows = data["rows"]
     lines = [
-        "## Agent steps: cost per step as the context grows (issue 3)", "",
+        f"### {title}", "",
         _machine(data["machine"]), "",
         f"Model `{data['model']}` (native window {data['native_window']}), config "
         f"`{data['config_path']}`. Each step appends {args['step_tokens']} tokens and "
@@ -112,7 +112,7 @@ def _agent_steps() -> list[str]:
                          f"{r['computed_tokens']} computed, {r['peak_rss'] / GIB:.2f} GiB")
         mark = " (beyond native)" if ctx > data["native_window"] else ""
         lines.append(f"| {ctx}{mark} | " + " | ".join(cells) + " |")
-    lines += ["", "![agent steps](results/agent_steps.png)", ""]
+    lines += ["", f"![agent steps](results/{name}.png)", ""]
     return lines
 
 
@@ -175,7 +175,12 @@ def build() -> str:
     lines += ["## Long-context accuracy (issue 8)", ""]
     lines += _long_context("long_context_in_native", "Within the native window")
     lines += _long_context("long_context_beyond_native", "Beyond the native window")
-    lines += _agent_steps()
+    lines += ["## Agent steps: cost per step as the context grows (issue 3)", ""]
+    agent = RESULTS_DIR / "agent_steps.md"
+    if agent.exists():
+        lines += [agent.read_text().strip(), ""]
+    lines += _agent_steps("agent_steps", "All methods")
+    lines += _agent_steps("agent_steps_recompute_16k", "Recompute from scratch, to 16K")
     lines += _offload()
     lines += _prefill()
     return "\n".join(lines).rstrip() + "\n"
