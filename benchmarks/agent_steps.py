@@ -290,6 +290,7 @@ def main() -> None:
     parser.add_argument("--name", default="agent_steps")
     parser.add_argument("--one", choices=METHODS, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    set_threads(args.threads)  # the children get --threads too; machine() reports it
     if args.one:
         rows = _one(args)
         print(json.dumps({"rows": rows}))
