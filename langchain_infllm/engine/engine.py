@@ -22,6 +22,7 @@ from langchain_infllm.engine.architectures import check_supported, layer_shape
 from langchain_infllm.engine.attention import ATTENTION_NAME, infllm_attention_forward
 from langchain_infllm.engine.block_cache import DeviceBlockCache
 from langchain_infllm.engine.budget import check_device_fit, estimate_device_budget
+from langchain_infllm.engine.host_memory import limit_heap_fragmentation
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.rope import RotaryTable
 from langchain_infllm.engine.session import Session
@@ -65,6 +66,7 @@ class InfLLMEngine:
         self.config = config or InfLLMConfig()
         model_config = check_supported(model)
         register_attention()
+        limit_heap_fragmentation()
         model.set_attn_implementation(ATTENTION_NAME)  # type: ignore[operator]
         model.eval()
         self.model = model
