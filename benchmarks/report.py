@@ -162,6 +162,19 @@ def _prefill() -> list[str]:
     return lines
 
 
+def _trace_overhead() -> list[str]:
+    table = RESULTS_DIR / "trace_overhead.md"
+    if not table.exists():
+        return []
+    body = table.read_text().strip().splitlines()
+    return [
+        "## Trace overhead (issue 6)", "",
+        "Command: `python -m benchmarks.trace_overhead --model smollm2-135m-instruct "
+        "--config config/smollm2-cpu.yaml --profile` (levels interleaved step by step).", "",
+        *body[1:], "", "![trace overhead](results/trace_overhead.png)", "",
+    ]
+
+
 def build() -> str:
     lines = [
         "# Benchmark results", "",
@@ -183,6 +196,7 @@ def build() -> str:
     lines += _agent_steps("agent_steps_recompute_16k", "Recompute from scratch, to 16K")
     lines += _offload()
     lines += _prefill()
+    lines += _trace_overhead()
     return "\n".join(lines).rstrip() + "\n"
 
 
