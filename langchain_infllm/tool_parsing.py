@@ -287,6 +287,31 @@ def _loads(raw: str) -> tuple[bool, Any, str]:
         return False, None, msg
 
 
+def _close_brackets(raw: str) -> str | None:
+    """``raw`` plus the one ``}`` it lacks, when that is all that is wrong with it (small
+    models often stop one brace short before ``</tool_call>``); else None. Anything more
+    truncated stays an invalid call."""
+    stack: list[str] = []
+    in_string = escaped = False
+    for ch in raw:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "{[":
+            stack.append("}" if ch == "{" else "]")
+        elif ch in "}]" and (not stack or stack.pop() != ch):
+            return None
+    if in_string or stack != ["}"]:
+        return None
+    return raw.rstrip() + "".join(reversed(stack))
+
+
 def _skip_ws(text: str, i: int) -> int:
     """Index of the first non-JSON-whitespace character at or after ``i``."""
     n = len(text)
@@ -427,6 +452,12 @@ def _hermes_body(body: str) -> list[_Call]:
             rest = s[i:]
             if calls and not rest.strip(_JUNK_TAIL_CHARS):
                 break  # stray closing brackets after good calls: a common slip
+            repaired = _close_brackets(rest)
+            if repaired is not None:
+                ok, value, _ = _loads(repaired)
+                if ok and isinstance(value, dict):
+                    calls.extend(_explicit_calls(value, repaired))
+                    break
             msg = exc.msg if isinstance(exc, json.JSONDecodeError) else type(exc).__name__
             calls.append(_Call(_recover_name(rest), None, rest, f"malformed tool call JSON: {msg}"))
             break

@@ -759,3 +759,20 @@ def test_property_well_formed_calls_are_all_found(
     assert parsed.invalid_tool_calls == []
     assert "tool_call" not in parsed.content and "TOOL_CALLS" not in parsed.content
     assert calls_of(parse_tool_calls(text, tool_names=["f", "get_weather", "search"])) == expected
+
+
+def test_hermes_call_one_closing_brace_short_is_repaired() -> None:
+    """Small models often stop a `}` short before `</tool_call>`: only missing closers are
+    added, so a call with other damage is still reported invalid."""
+    short = '<tool_call>\n{"name": "f", "arguments": {"a": "x}"}\n</tool_call>'
+    parsed = parse_tool_calls(short, ["f"])
+    assert [(c["name"], c["args"]) for c in parsed.tool_calls] == [("f", {"a": "x}"})]
+    assert not parsed.invalid_tool_calls
+    mismatched = '<tool_call>\n{"name": "f", "arguments": {"a": [1, 2}}\n</tool_call>'
+    parsed = parse_tool_calls(mismatched, ["f"])
+    assert not parsed.tool_calls and len(parsed.invalid_tool_calls) == 1
+    streamed = ToolCallStreamParser(["f"])
+    events = [e for piece in (short[:20], short[20:]) for e in streamed.feed(piece)]
+    events += streamed.finish()
+    calls = [e for e in events if not isinstance(e, TextEvent)]
+    assert len(calls) == 1 and calls[0].invalid is None
