@@ -15,25 +15,13 @@ import pytest
 from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
 from langchain_core.tools import tool
 
-from langchain_infllm import InfLLMConfig
 from langchain_infllm.chat_models import ChatInfLLM
+from tests.shared_configs import SMALL_AGENT_CONFIG
 
 pytestmark = pytest.mark.real_model
 
 MODEL = "qwen2.5-coder-0.5b-instruct"
 LETTERS = "INFLLM"
-# A local window smaller than the final conversation (~900 tokens), so that later steps
-# also attend to retrieved memory blocks, not only to the window.
-AGENT_CONFIG = InfLLMConfig.create(
-    block_size=64,
-    n_init=64,
-    n_local=512,
-    topk=4,
-    repr_topk=4,
-    max_cached_block=8,
-    exc_block_size=256,
-    chunk_size=1024,
-)
 
 SYSTEM = (
     "You spell a secret word by calling tools, one call per reply, never answering early.\n"
@@ -71,7 +59,7 @@ def test_create_agent_many_steps_reuses_history() -> None:
     _saved.clear()
     llm = ChatInfLLM(
         model=MODEL,
-        infllm_config=AGENT_CONFIG,
+        infllm_config=SMALL_AGENT_CONFIG,
         temperature=0,
         max_tokens=48,
     )
@@ -125,6 +113,6 @@ def test_create_agent_many_steps_reuses_history() -> None:
 
     # The conversation outgrew the local window: late steps work from memory blocks.
     last = steps[-1].response_metadata["infllm"]
-    assert last["context_tokens"] > AGENT_CONFIG.n_local
+    assert last["context_tokens"] > SMALL_AGENT_CONFIG.n_local
     assert last["blocks_in_memory"] > 0
     assert last["retrievals"] > 0

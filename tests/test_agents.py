@@ -32,6 +32,7 @@ from agents.common import (
     score_answers,
 )
 from langchain_infllm import InfLLMConfig
+from tests.shared_configs import SMALL_AGENT_CONFIG
 
 CONFIGS = Path(__file__).parents[1] / "config"
 CPU_SMALL = InfLLMConfig.from_yaml(CONFIGS / "cpu-small.yaml")
@@ -253,19 +254,6 @@ def test_repo_scorer() -> None:
 
 # ============================================================================ real model
 
-# A local window smaller than the tiny tasks' conversations (~1.2K tokens), so the
-# answers are given with retrieved memory blocks in play (the same settings as
-# tests/test_agent_create_agent.py, so the engine is shared within a test session).
-REAL_CONFIG = InfLLMConfig.create(
-    block_size=64,
-    n_init=64,
-    n_local=512,
-    topk=4,
-    repr_topk=4,
-    max_cached_block=8,
-    exc_block_size=256,
-    chunk_size=1024,
-)
 MODEL = "qwen2.5-coder-0.5b-instruct"
 
 
@@ -285,7 +273,7 @@ def _run_real(task: AgentTask, out: Path) -> Any:
     from agents.common import run_task
     from langchain_infllm import ChatInfLLM
 
-    llm = ChatInfLLM(model=MODEL, infllm_config=REAL_CONFIG, temperature=0, max_tokens=48)
+    llm = ChatInfLLM(model=MODEL, infllm_config=SMALL_AGENT_CONFIG, temperature=0, max_tokens=48)
     result = run_task(task, llm, out, progress=False)
     print(f"\n{task.name}: {len(result.steps)} steps, {result.seconds:.0f}s, "
           f"score {result.score.correct}/{result.score.total}, context {result.context_tokens}")
@@ -311,7 +299,7 @@ def _check_real(result: Any, task: AgentTask, out: Path, tools: set[str]) -> Non
     assert last.cache_read >= 0.9 * last.input_tokens
     assert result.tokens_reused > result.tokens_computed
     # the conversation outgrew the local window
-    assert result.context_tokens > REAL_CONFIG.n_local
+    assert result.context_tokens > SMALL_AGENT_CONFIG.n_local
     # the trace report (HTML + heat map) was written
     assert result.trace_path is not None
     assert Path(result.trace_path).is_file()

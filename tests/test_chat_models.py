@@ -41,20 +41,11 @@ from langchain_infllm.chat_sessions import (
     thread_session_key,
 )
 from langchain_infllm.tracing import STEP_SUMMARY_EVENT
+from tests.shared_configs import TINY_CHAT_CONFIG
 
 pytestmark = pytest.mark.real_model  # the Qwen tokenizer comes with the embedded model
 
 EMBEDDED = "qwen2.5-coder-0.5b-instruct"
-TINY_CONFIG = InfLLMConfig.create(
-    block_size=16,
-    n_init=16,
-    n_local=64,
-    topk=2,
-    repr_topk=2,
-    max_cached_block=4,
-    exc_block_size=16,
-    chunk_size=64,
-)
 LONG_TEXT = " ".join(f"fact {i}: the box number {i} holds {i * 7 % 13} apples." for i in range(40))
 
 
@@ -65,7 +56,9 @@ def qwen_tokenizer() -> Any:
     return AutoTokenizer.from_pretrained(ensure_embedded_model(EMBEDDED))
 
 
-def make_engine(tokenizer: Any, config: InfLLMConfig = TINY_CONFIG, seed: int = 0) -> InfLLMEngine:
+def make_engine(
+    tokenizer: Any, config: InfLLMConfig = TINY_CHAT_CONFIG, seed: int = 0
+) -> InfLLMEngine:
     model_config = Qwen2Config(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -151,12 +144,12 @@ def test_construction_is_lazy_and_engines_are_shared(
 
     monkeypatch.setattr(InfLLMEngine, "from_pretrained", staticmethod(fake_from_pretrained))
     clear_engine_registry()
-    a = ChatInfLLM(model="some-model", infllm_config=TINY_CONFIG)
-    b = ChatInfLLM(model="some-model", infllm_config=TINY_CONFIG, temperature=0.5)
+    a = ChatInfLLM(model="some-model", infllm_config=TINY_CHAT_CONFIG)
+    b = ChatInfLLM(model="some-model", infllm_config=TINY_CHAT_CONFIG, temperature=0.5)
     assert loads == []
     assert a.get_engine() is b.get_engine() is engine
     assert loads == ["some-model"]
-    ChatInfLLM(model="other", infllm_config=TINY_CONFIG).get_engine()
+    ChatInfLLM(model="other", infllm_config=TINY_CHAT_CONFIG).get_engine()
     assert loads == ["some-model", "other"]
     clear_engine_registry()
 
@@ -372,7 +365,7 @@ def test_bad_input_is_refused_and_session_untouched(
 
 
 def test_prompt_over_max_context_is_refused(qwen_tokenizer: Any, engine: InfLLMEngine) -> None:
-    limited = make_engine(qwen_tokenizer, TINY_CONFIG.model_copy(update={"max_context": 200}))
+    limited = make_engine(qwen_tokenizer, TINY_CHAT_CONFIG.model_copy(update={"max_context": 200}))
     llm = ChatInfLLM(engine=limited, max_tokens=4)
     llm.invoke("short", session_id="m")
     before = limited.session("m").token_ids

@@ -27,20 +27,10 @@ from benchmarks.trace_overhead import (
     run_trace_overhead,
     summarize,
 )
-from langchain_infllm import InfLLMConfig
+from tests.shared_configs import TINY_CHAT_CONFIG
 
 pytestmark = pytest.mark.real_model  # the chat tokenizer comes with the embedded model
 
-TINY = InfLLMConfig.create(
-    block_size=16,
-    n_init=16,
-    n_local=64,
-    topk=2,
-    repr_topk=2,
-    max_cached_block=4,
-    exc_block_size=16,
-    chunk_size=64,
-)
 STEPS = 2
 
 
@@ -73,7 +63,7 @@ def test_trace_overhead_runs_every_level_and_counts_events(tmp_path: Path) -> No
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model("smollm2-135m-instruct"))
     models = _tiny_models(len(tokenizer), len(LEVELS))
-    llms = build_chat_models(models, tokenizer, TINY, gen_tokens=4, model_name="tiny")
+    llms = build_chat_models(models, tokenizer, TINY_CHAT_CONFIG, gen_tokens=4, model_name="tiny")
     assert [llm.get_engine().config.trace for llm in llms.values()] == list(LEVELS)
 
     def encode(text: str) -> list[int]:
@@ -92,7 +82,7 @@ def test_trace_overhead_runs_every_level_and_counts_events(tmp_path: Path) -> No
     assert {r["level"] for r in rows if r["step"] == 1 and r["order"] == 0} == {"summary"}
     for r in rows:
         assert r["step_s"] > 0 and r["prefill_s"] >= 0 and r["decode_s"] > 0
-        assert r["prompt_tokens"] > TINY.n_local  # beyond the window: retrieval happens
+        assert r["prompt_tokens"] > TINY_CHAT_CONFIG.n_local  # beyond the window: retrieval happens
         assert r["tokens_generated"] == 4
         assert r["tokens_computed"] < r["prompt_tokens"]  # the history is reused
     by_level = {lv: [r for r in rows if r["level"] == lv] for lv in LEVELS}

@@ -22,10 +22,11 @@ FACT_PAGE = 2
 PAGES = 20
 CODE = "QX-4471"
 
-_WORDS = (
-    "inventory shipment warehouse pallet forklift quarterly audit supplier invoice route "
-    "driver schedule depot freight container manifest customs clearance storage bay"
-).split()
+_WORDS = [
+    "inventory", "shipment", "warehouse", "pallet", "forklift", "quarterly", "audit",
+    "supplier", "invoice", "route", "driver", "schedule", "depot", "freight", "container",
+    "manifest", "customs", "clearance", "storage", "bay",
+]
 
 
 def _filler(rng: random.Random, n_words: int) -> str:
