@@ -367,3 +367,27 @@ def test_truncations_with_slot_reuse_are_lossless() -> None:
                 _assert_cache_holds_only(engine, session)
         outputs.append(logits)
     assert all(torch.equal(a, b) for a, b in zip(*outputs, strict=True))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_peak_device_memory_flat_from_32k_to_256k_on_cuda() -> None:
+    """The device holds weights + a fixed budget: peak memory while growing the context
+    from 32K to 256K tokens exceeds the 32K peak by no more than the representative keys
+    (the only part that grows, by design) plus allocator slack."""
+    model, _ = tiny_pair("llama", seed=0)
+    config = InfLLMConfig(block_size=128, n_init=128, n_local=1024, topk=4,
+                          max_cached_block=8, exc_block_size=512, chunk_size=4096, trace="off")
+    engine = InfLLMEngine(model.to("cuda"), None, config)
+    session = engine.new_session()
+    rng = random.Random(0)
+    peaks = {}
+    for target in (32_768, 65_536, 131_072, 262_144):
+        torch.cuda.reset_peak_memory_stats()
+        while len(session) < target:
+            session.append([rng.randrange(1, VOCAB) for _ in range(4096)])
+        torch.cuda.synchronize()
+        peaks[target] = torch.cuda.max_memory_allocated()
+    reprs_growth = engine.device_budget.representatives_per_1m_tokens * (262_144 - 32_768)
+    assert peaks[262_144] <= peaks[32_768] * 1.05 + reprs_growth // 1_000_000 + 2**20, peaks
+    assert engine.cache_resident_bytes() <= engine.cache_budget_bytes()
