@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
@@ -408,6 +409,10 @@ def _quiet_libraries() -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # Ctrl-C must stop a reply even when this process was started with SIGINT ignored
+    # (as children of background jobs are), since Python then keeps it ignored.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
