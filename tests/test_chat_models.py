@@ -16,7 +16,6 @@ from typing import Any
 from uuid import UUID
 
 import pytest
-import torch
 from langchain_core.callbacks import BaseCallbackHandler
 from langchain_core.messages import (
     AIMessage,
@@ -29,7 +28,7 @@ from langchain_core.messages import (
 )
 from langchain_core.tools import tool
 from pydantic import BaseModel
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine, Session
 from langchain_infllm.chat_models import ChatInfLLM, clear_engine_registry
@@ -42,6 +41,7 @@ from langchain_infllm.chat_sessions import (
 )
 from langchain_infllm.tracing import STEP_SUMMARY_EVENT
 from tests.shared_configs import TINY_CHAT_CONFIG
+from tests.tiny_models import tiny_chat_qwen2
 
 pytestmark = pytest.mark.real_model  # the Qwen tokenizer comes with the embedded model
 
@@ -59,18 +59,7 @@ def qwen_tokenizer() -> Any:
 def make_engine(
     tokenizer: Any, config: InfLLMConfig = TINY_CHAT_CONFIG, seed: int = 0
 ) -> InfLLMEngine:
-    model_config = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(seed)
-    model = Qwen2ForCausalLM(model_config).eval()
+    model = tiny_chat_qwen2(len(tokenizer), seed)
     return InfLLMEngine(model, tokenizer, config, model_name="tiny-qwen2")
 
 

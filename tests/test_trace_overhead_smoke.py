@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoTokenizer
 
 from benchmarks.trace_overhead import (
     LEVELS,
@@ -28,6 +28,7 @@ from benchmarks.trace_overhead import (
     summarize,
 )
 from tests.shared_configs import TINY_CHAT_CONFIG
+from tests.tiny_models import tiny_chat_qwen2
 
 pytestmark = pytest.mark.real_model  # the chat tokenizer comes with the embedded model
 
@@ -43,18 +44,7 @@ def _one_thread() -> Any:
 
 
 def _tiny_models(vocab: int, copies: int) -> list[Any]:
-    config = Qwen2Config(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = Qwen2ForCausalLM(config).eval()
+    model = tiny_chat_qwen2(vocab)
     return [model] + [copy.deepcopy(model) for _ in range(copies - 1)]
 
 

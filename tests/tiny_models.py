@@ -73,3 +73,19 @@ def tiny_pair(
     engine_model.load_state_dict(reference.state_dict())
     reference.set_attn_implementation("eager")
     return engine_model, reference
+
+
+def tiny_chat_qwen2(vocab_size: int, seed: int = 0) -> Qwen2ForCausalLM:
+    """A tiny random Qwen2 sized to a real chat tokenizer's vocabulary (chat-model tests)."""
+    config = Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config).eval()
