@@ -20,6 +20,8 @@ logger = logging.getLogger(__name__)
 
 TraceLevel = Literal["off", "summary", "full"]
 CacheStrategy = Literal["lru", "lru-s"]
+RetrievalMethod = Literal["infllm", "maxkey"]
+"""Block scoring; `langchain_infllm.engine.retrieval` says what each does."""
 
 # Keys of the reference's `model:` section that describe things this package takes from
 # the model itself (rotary base and scaling) or features it does not implement. They are
@@ -52,6 +54,11 @@ class InfLLMConfig(BaseModel):
     max_cached_block: int = Field(32, gt=0, description="Device-resident blocks per layer.")
     exc_block_size: int = Field(512, gt=0, description="Queries per execution chunk.")
     chunk_size: int = Field(8192, gt=0, description="Tokens per model call while prefilling.")
+    retrieval: RetrievalMethod = Field(
+        "infllm",
+        description="Block scoring: 'infllm' (the paper's representatives, one block set "
+        "per layer) or 'maxkey' (best single key per block, a block set per KV head).",
+    )
     cache_strategy: CacheStrategy = "lru"
     score_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decay for lru-s scores.")
     async_global_stream: bool = Field(True, description="Copy blocks on a side CUDA stream.")

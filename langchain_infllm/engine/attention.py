@@ -26,6 +26,7 @@ from torch import nn
 from langchain_infllm.engine.block_cache import DeviceBlockCache
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord
+from langchain_infllm.engine.retrieval import Selection, score_blocks, select_blocks
 from langchain_infllm.engine.rope import RotaryTable
 
 ATTENTION_NAME = "infllm"
@@ -45,6 +46,9 @@ class InfLLMForwardContext:
     next_uid: Callable[[], int]
     record: Callable[[RetrievalRecord], None] | None = None
     calls: list[int] = field(default_factory=list)
+    observe: Callable[[int, int, torch.Tensor, LayerMemory], None] | None = None
+    """Diagnostics hook: `(layer, query_start, memory-side queries [heads, c, d], memory)`
+    for every chunk that scores blocks (benchmarks/recall.py uses it)."""
     masks: dict[tuple[int, ...], ChunkMasks] = field(default_factory=dict)
     """Visibility masks per chunk layout; every layer of one call shares them."""
 
@@ -129,15 +133,29 @@ def attend_chunk(
     q = q.to(torch.float32) * scaling
     # Memory side: start the block copies first so they overlap the local attention.
     q_mem = ctx.rope.rotate(q, n_local, same=True)
+    if ctx.observe is not None and memory.n_blocks > 0:
+        ctx.observe(layer_idx, start, q_mem, memory)
     pending = None
+    selection = None
     if ctx.topk > 0 and memory.n_blocks > 0:
-        chosen, chosen_scores = _select_blocks(memory, q_mem, ctx.topk)
+        selection = select_blocks(
+            score_blocks(
+                memory.retrieval,
+                q_mem.mean(dim=1),
+                reprs=memory.reprs,
+                index_keys=memory.index_keys,
+                kv_heads=kv_heads,
+                block_size=memory.block_size,
+            ),
+            ctx.topk,
+        )
+        chosen = selection.blocks
         before = cache.counters.snapshot()
         pending = cache.fetch(
             [memory.block_uids[i] for i in chosen],
             [memory.block_k[i] for i in chosen],
             [memory.block_v[i] for i in chosen],
-            chosen_scores,
+            selection.scores,
         )
         after = cache.counters.snapshot()
         if ctx.record is not None:
@@ -147,11 +165,13 @@ def attend_chunk(
                     query_start=start,
                     query_end=end,
                     block_ids=tuple(chosen),
-                    scores=tuple(chosen_scores),
+                    scores=tuple(selection.scores),
                     block_spans=tuple(memory.block_span(i) for i in chosen),
                     hits=after[0] - before[0],
                     misses=after[1] - before[1],
                     bytes_copied=after[2] - before[2],
+                    head_block_ids=None if selection.shared
+                    else tuple(tuple(row) for row in selection.per_head),
                 )
             )
 
@@ -172,10 +192,14 @@ def attend_chunk(
 
     mem_k_parts = [memory.init_k]
     mem_v_parts = [memory.init_v]
-    if pending is not None:
+    if pending is not None and selection is not None:
         blk_k, blk_v = pending.gather()
-        mem_k_parts.extend(blk_k)
-        mem_v_parts.extend(blk_v)
+        if selection.shared:
+            mem_k_parts.extend(blk_k)
+            mem_v_parts.extend(blk_v)
+        else:
+            mem_k_parts.append(_per_head_blocks(blk_k, selection))
+            mem_v_parts.append(_per_head_blocks(blk_v, selection))
     mem_k_parts.append(tail_k[:, :n_rem])
     mem_v_parts.append(tail_v[:, :n_rem])
     mem_k = torch.cat(mem_k_parts, dim=1).to(f32)
@@ -252,16 +276,15 @@ def _mask_bands(logits: torch.Tensor, masks: ChunkMasks) -> None:
         logits[..., logits.shape[-1] - n_rem :].masked_fill_(masks.too_near, float("-inf"))
 
 
-def _select_blocks(
-    memory: LayerMemory, q_mem: torch.Tensor, topk: int
-) -> tuple[list[int], list[float]]:
-    """Score every block by its representatives against the chunk's mean query."""
-    mean_q = q_mem.to(torch.float32).mean(dim=1)  # [heads, d]
-    reprs = memory.reprs.to(mean_q.device, torch.float32)  # [n_blocks, heads, d]
-    block_scores = torch.einsum("nhd,hd->n", reprs, mean_q)
-    k = min(topk, block_scores.shape[0])
-    top = block_scores.topk(k)
-    order = top.indices.argsort()
-    ids = top.indices[order].tolist()
-    scores = top.values[order].tolist()
-    return ids, scores
+def _per_head_blocks(resident: list[torch.Tensor], selection: Selection) -> torch.Tensor:
+    """`[kv_heads, k * block, dim]`: for each KV head, its own selected blocks in order.
+
+    `resident[i]` holds all heads of block `selection.blocks[i]`.
+    """
+    slot = {block: i for i, block in enumerate(selection.blocks)}
+    return torch.stack(
+        [
+            torch.cat([resident[slot[b]][head] for b in row], dim=0)
+            for head, row in enumerate(selection.per_head)
+        ]
+    )

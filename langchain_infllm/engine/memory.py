@@ -19,6 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
+from langchain_infllm.engine.retrieval import RetrievalMethod, needs_key_index
+
 
 @dataclass(frozen=True)
 class LayerShape:
@@ -48,6 +50,7 @@ class LayerMemory:
         host_device: torch.device,
         pin_memory: bool,
         repr_on_host: bool,
+        retrieval: RetrievalMethod = "infllm",
     ) -> None:
         self.shape = shape
         self.n_init = n_init
@@ -72,6 +75,13 @@ class LayerMemory:
         self.block_v: list[torch.Tensor] = []
         self.block_scores: list[torch.Tensor] = []  # host, [heads, block] attention mass
         self._reprs = torch.empty(0, shape.heads, d, dtype=dtype, device=self.repr_device)
+        self.retrieval: RetrievalMethod = retrieval
+        # The sealed keys again, in position order, for scorers that read every key
+        # (derived from block_k: never saved, rebuilt on load and truncate).
+        self._index_k: torch.Tensor | None = (
+            torch.empty(kvh, 0, d, dtype=dtype, device=self.repr_device)
+            if needs_key_index(retrieval) else None
+        )
 
     # ------------------------------------------------------------------ views
     @property
@@ -99,6 +109,13 @@ class LayerMemory:
         """Representative keys, `[n_blocks, heads, head_dim]`."""
         return self._reprs[: self.n_blocks]
 
+    @property
+    def index_keys(self) -> torch.Tensor | None:
+        """Sealed keys `[kv_heads, n_blocks * block_size, head_dim]`, when kept."""
+        if self._index_k is None:
+            return None
+        return self._index_k[:, : self.n_blocks * self.block_size]
+
     def block_span(self, index: int) -> tuple[int, int]:
         start = self.n_init + index * self.block_size
         return start, start + self.block_size
@@ -107,14 +124,18 @@ class LayerMemory:
         """Bytes this layer holds on the compute device (sinks, tail buffers, representatives)."""
         tensors = [self.init_k, self.init_v, self._tail_k, self._tail_v, self._tail_score]
         if self.repr_device == self.device:
-            tensors.append(self._reprs)
+            tensors.extend(self._summaries())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def host_bytes(self) -> int:
         tensors = self.block_k + self.block_v + self.block_scores
         if self.repr_device != self.device:
-            tensors.append(self._reprs)
+            tensors.extend(self._summaries())
         return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _summaries(self) -> list[torch.Tensor]:
+        """What retrieval scores against: representatives and the key index, if kept."""
+        return [self._reprs] + ([self._index_k] if self._index_k is not None else [])
 
     # --------------------------------------------------------------- mutation
     def append_tail(self, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -205,12 +226,47 @@ class LayerMemory:
         keys = self.tail_k[:, :bs]
         values = self.tail_v[:, :bs]
         scores = self.tail_score[:, :bs]
-        self._append_repr(self._representative(keys, scores))
-        self.block_uids.append(uid)
-        self.block_k.append(self._to_host(keys))
-        self.block_v.append(self._to_host(values))
-        self.block_scores.append(scores.to(self.host_device, copy=True))
+        self.add_sealed_block(
+            uid,
+            self._to_host(keys),
+            self._to_host(values),
+            scores.to(self.host_device, copy=True),
+            self._representative(keys, scores),
+        )
         self._advance(bs)
+
+    def add_sealed_block(
+        self,
+        uid: int,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        scores: torch.Tensor,
+        representative: torch.Tensor,
+    ) -> None:
+        """Register a sealed block (host K/V, attention mass, representative) and index it.
+
+        Used when sealing and when a snapshot is loaded; the caller moves the tail.
+        """
+        self._append_repr(representative)
+        if self._index_k is not None:
+            self._append_index(keys)
+        self.block_uids.append(uid)
+        self.block_k.append(keys)
+        self.block_v.append(values)
+        self.block_scores.append(scores)
+
+    def _append_index(self, keys: torch.Tensor) -> None:
+        assert self._index_k is not None
+        used = self.n_blocks * self.block_size
+        need = used + keys.shape[1]
+        if need > self._index_k.shape[1]:
+            grown = torch.empty(
+                self._index_k.shape[0], max(16 * self.block_size, 2 * need), self._index_k.shape[2],
+                dtype=self.dtype, device=self.repr_device,
+            )
+            grown[:, :used] = self._index_k[:, :used]
+            self._index_k = grown
+        self._index_k[:, used:need] = keys.to(self.repr_device)
 
     def _representative(self, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Per query head, the mean key of the `repr_topk` tokens that drew the most mass."""
@@ -297,4 +353,6 @@ class LayerMemory:
         twin.block_v = list(self.block_v)
         twin.block_scores = list(self.block_scores)
         twin._reprs = self.reprs.clone()
+        index = self.index_keys
+        twin._index_k = None if index is None else index.clone()
         return twin

@@ -259,13 +259,13 @@ def _rebuild(
             reprs = _tensor(tensors, p + "reprs", (blocks, heads, d), dtype)
             expected_names |= {p + k for k in ("block_k", "block_v", "block_scores", "reprs")}
         for b in range(blocks):
-            # The representative goes in first: `_append_repr` writes at row n_blocks,
-            # which counts `block_uids`.
-            layer._append_repr(reprs[b].to(layer.repr_device))
-            layer.block_uids.append(engine.next_uid())
-            layer.block_k.append(layer._to_host(block_k[b]))
-            layer.block_v.append(layer._to_host(block_v[b]))
-            layer.block_scores.append(scores[b].clone())
+            layer.add_sealed_block(
+                engine.next_uid(),
+                layer._to_host(block_k[b]),
+                layer._to_host(block_v[b]),
+                scores[b].clone(),
+                reprs[b],
+            )
         if layer.length != n or layer.n_blocks != blocks:
             raise ValueError(f"layer {i} holds {layer.length} tokens, manifest {n}")
     unknown = set(tensors) - expected_names

@@ -19,12 +19,15 @@ class RetrievalRecord:
     layer: int
     query_start: int
     query_end: int
-    block_ids: tuple[int, ...]  # session-local block indices, ascending
+    block_ids: tuple[int, ...]  # session-local block indices, ascending (union over heads)
     scores: tuple[float, ...]  # representative score of each selected block
     block_spans: tuple[tuple[int, int], ...]  # token positions [start, end) of each block
     hits: int  # selected blocks already on the device
     misses: int  # selected blocks copied from host memory
     bytes_copied: int
+    head_block_ids: tuple[tuple[int, ...], ...] | None = None
+    """Per KV head, the blocks that head attended (methods that select per head);
+    None when every head attended `block_ids` (otherwise their union)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -55,6 +55,8 @@ class Session:
         self.last_logits: torch.Tensor | None = None
         self._retrievals: list[RetrievalRecord] = []
         self.trace_sink: Callable[[RetrievalRecord], None] | None = None
+        # Diagnostics: sees each chunk's memory-side queries (see InfLLMForwardContext).
+        self.observer: Callable[[int, int, torch.Tensor, LayerMemory], None] | None = None
         self.totals = {"computed": 0, "reused": 0, "hits": 0, "misses": 0, "bytes_copied": 0}
         self.last_used = time.monotonic()
         engine.register_session(self)
@@ -411,6 +413,7 @@ class Session:
             exc_block_size=exc_size,
             next_uid=engine.next_uid,
             record=record if engine.config.trace != "off" or sink is not None else None,
+            observe=self.observer,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
         position_ids = torch.zeros_like(input_ids)

@@ -1,0 +1,106 @@
+"""Which memory blocks a chunk of queries attends: block scoring and top-k selection.
+
+Two methods, chosen by `InfLLMConfig.retrieval`:
+
+* ``infllm`` (the paper, arXiv 2402.04617): each block keeps one representative key per
+  query head (the mean of the `repr_topk` keys that drew the most attention while they
+  were local); a block's score is the dot product of the chunk's mean query with its
+  representatives, summed over all heads; one set of `topk` blocks serves every head.
+* ``maxkey``: a block's score for one KV head is the largest dot product between the
+  chunk's mean query (of any query head of that group) and any key of the block; each KV
+  head attends its own `topk` blocks. The paper's representatives favour tokens that
+  draw attention while local (message starts, template tokens, punctuation), which are
+  the same in every block, so the block that holds a fact often ranks below them
+  (benchmarks/RESULTS.md, recall diagnostic); scoring every key finds the block whose
+  best key matches, which is what full attention would attend. It reads every sealed key
+  once per chunk (the QK work of one query against the whole history, without softmax or
+  values), from an index of sealed keys kept beside the representatives.
+
+The scores are for ranking only; the attention itself is unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import get_args
+
+import torch
+
+from langchain_infllm.config import RetrievalMethod
+
+RETRIEVAL_METHODS: tuple[RetrievalMethod, ...] = get_args(RetrievalMethod)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Blocks chosen for one chunk and layer.
+
+    `per_head[g]` lists the block indices (ascending) KV head `g` attends; with a method
+    that shares one set across heads it has a single row. `blocks` is their union
+    (ascending) with each block's best score in `scores`.
+    """
+
+    per_head: list[list[int]]
+    blocks: list[int]
+    scores: list[float]
+
+    @property
+    def shared(self) -> bool:
+        return len(self.per_head) == 1
+
+
+def score_blocks(
+    method: RetrievalMethod,
+    mean_q: torch.Tensor,
+    *,
+    reprs: torch.Tensor,
+    index_keys: torch.Tensor | None,
+    kv_heads: int,
+    block_size: int,
+) -> torch.Tensor:
+    """Scores `[rows, n_blocks]` of every block for the chunk's mean query `[heads, d]`.
+
+    `rows` is 1 for ``infllm`` (summed over heads) and `kv_heads` for ``maxkey``.
+    `reprs` is `[n_blocks, heads, d]`; `index_keys` is `[kv_heads, n_blocks * block_size,
+    d]` (the sealed keys in position order), needed by ``maxkey``.
+    """
+    if method == "infllm":
+        q = mean_q.to(reprs.device, torch.float32)
+        return torch.einsum("nhd,hd->n", reprs.to(torch.float32), q)[None]
+    if method == "maxkey":
+        if index_keys is None:
+            raise ValueError("maxkey retrieval needs the index of sealed keys")
+        heads, d = mean_q.shape
+        groups = heads // kv_heads
+        n_blocks = index_keys.shape[1] // block_size
+        q = mean_q.to(index_keys.device, index_keys.dtype).view(kv_heads, groups, d)
+        dots = torch.bmm(q, index_keys.transpose(1, 2))  # [kv_heads, groups, tokens]
+        best = dots.amax(dim=1).view(kv_heads, n_blocks, block_size).amax(dim=2)
+        return best.to(torch.float32)
+    raise ValueError(f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}")
+
+
+def select_blocks(scores: torch.Tensor, topk: int) -> Selection:
+    """The `topk` best blocks of each row of `scores [rows, n_blocks]` (one host sync)."""
+    k = min(topk, scores.shape[1])
+    top = scores.topk(k, dim=1)
+    order = top.indices.argsort(dim=1)
+    indices = top.indices.gather(1, order).tolist()
+    values = top.values.gather(1, order).tolist()
+    best: dict[int, float] = {}
+    for row_ids, row_vals in zip(indices, values, strict=True):
+        for block, value in zip(row_ids, row_vals, strict=True):
+            if block not in best or value > best[block]:
+                best[block] = value
+    blocks = sorted(best)
+    return Selection(per_head=indices, blocks=blocks, scores=[best[b] for b in blocks])
+
+
+def needs_key_index(method: RetrievalMethod) -> bool:
+    """Whether the method scores against every sealed key (so the memory keeps an index)."""
+    return method == "maxkey"
+
+
+def blocks_cached_per_chunk(method: RetrievalMethod, topk: int, kv_heads: int) -> int:
+    """The most blocks one chunk may need resident at once (the union over heads)."""
+    return topk if method == "infllm" else topk * kv_heads
