@@ -47,7 +47,7 @@ from benchmarks.common import (
 )
 
 FORCED_PREFIX = "The answer is"
-RETRIEVAL_METHODS = ("infllm", "maxkey")
+RETRIEVAL_METHODS = ("infllm", "maxkey", "maxmass")
 CONTROL_METHODS = ("sinks_window", "full")
 
 
@@ -248,13 +248,26 @@ def measure_question(
     }
 
 
-def method_config(base: Any, method: str, longest: int) -> Any:
-    if method == "sinks_window":
-        return engine_config(base, topk=0)
-    if method == "full":
+def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
+    """``maxkey`` or ``maxkey:block_size=32,topk=32`` (an ablation row's overrides)."""
+    name, _, rest = spec.partition(":")
+    if name not in (*RETRIEVAL_METHODS, *CONTROL_METHODS):
+        raise SystemExit(f"unknown method {name!r}")
+    changes: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, value = item.partition("=")
+        changes[key] = int(value) if value.lstrip("-").isdigit() else value
+    return name, changes
+
+
+def method_config(base: Any, spec: str, longest: int) -> Any:
+    name, changes = parse_method(spec)
+    if name == "sinks_window":
+        return engine_config(base, topk=0, **changes)
+    if name == "full":
         window = 1 << math.ceil(math.log2(longest + 64))
-        return engine_config(base, n_local=window, max_cached_block=max(base.max_cached_block, 1))
-    return engine_config(base, retrieval=method)
+        return engine_config(base, n_local=window, **changes)
+    return engine_config(base, retrieval=name, **changes)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -291,7 +304,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 base.append(case.prefix_ids)
                 prefill = time.perf_counter() - began
                 for q in case.questions:
-                    result = measure_question(engine, base, q, method, stop_ids=stop_ids,
+                    result = measure_question(engine, base, q, parse_method(method)[0],
+                                              stop_ids=stop_ids,
                                               decode_tokens=args.decode_tokens,
                                               tokenizer=tokenizer)
                     rows.append({"case": case.name, "seed": case.seed, "method": method,

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 TraceLevel = Literal["off", "summary", "full"]
 CacheStrategy = Literal["lru", "lru-s"]
-RetrievalMethod = Literal["infllm", "maxkey"]
+RetrievalMethod = Literal["infllm", "maxkey", "maxmass"]
 """Block scoring; `langchain_infllm.engine.retrieval` says what each does."""
 
 # Keys of the reference's `model:` section that describe things this package takes from

@@ -67,16 +67,18 @@ def score_blocks(
     if method == "infllm":
         q = mean_q.to(reprs.device, torch.float32)
         return torch.einsum("nhd,hd->n", reprs.to(torch.float32), q)[None]
-    if method == "maxkey":
+    if method in ("maxkey", "maxmass"):
         if index_keys is None:
-            raise ValueError("maxkey retrieval needs the index of sealed keys")
+            raise ValueError(f"{method} retrieval needs the index of sealed keys")
         heads, d = mean_q.shape
         groups = heads // kv_heads
         n_blocks = index_keys.shape[1] // block_size
         q = mean_q.to(index_keys.device, index_keys.dtype).view(kv_heads, groups, d)
-        dots = torch.bmm(q, index_keys.transpose(1, 2))  # [kv_heads, groups, tokens]
+        dots = torch.bmm(q, index_keys.transpose(1, 2)).to(torch.float32)  # [kvh, g, tokens]
+        if method == "maxmass":
+            dots = dots - dots.logsumexp(dim=2, keepdim=True)
         best = dots.amax(dim=1).view(kv_heads, n_blocks, block_size).amax(dim=2)
-        return best.to(torch.float32)
+        return best
     raise ValueError(f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}")
 
 
@@ -98,7 +100,7 @@ def select_blocks(scores: torch.Tensor, topk: int) -> Selection:
 
 def needs_key_index(method: RetrievalMethod) -> bool:
     """Whether the method scores against every sealed key (so the memory keeps an index)."""
-    return method == "maxkey"
+    return method in ("maxkey", "maxmass")
 
 
 def blocks_cached_per_chunk(method: RetrievalMethod, topk: int, kv_heads: int) -> int:
