@@ -107,7 +107,7 @@ def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> 
     renderer = PromptRenderer(tokenizer)
     schemas = [convert_to_openai_tool(t) for t in task.tools]
     renders = [
-        renderer.render(messages + [HumanMessage(task.question_template.format(
+        renderer.render([*messages, HumanMessage(task.question_template.format(
             question=q.prompt))], schemas)
         for q in task.questions
     ]

@@ -59,6 +59,11 @@ class InfLLMConfig(BaseModel):
         description="Block scoring: 'infllm' (the paper's representatives, one block set "
         "per layer) or 'maxkey' (best single key per block, a block set per KV head).",
     )
+    fused_attention: bool = Field(
+        True,
+        description="Fused kernels merged by log-sum-exp where the retrieval method needs "
+        "no attention mass (false: the fp32 reference path everywhere).",
+    )
     cache_strategy: CacheStrategy = "lru"
     score_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decay for lru-s scores.")
     async_global_stream: bool = Field(True, description="Copy blocks on a side CUDA stream.")

@@ -55,7 +55,8 @@ def _oracle_attention(
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
     is_near = (i - j >= 0) & (i - j < n_local)
-    visible_far = (i - j >= n_local) & _far_allowed(plan, module.layer_idx, length, n_init, bs)
+    allowed = _far_allowed(plan, module.layer_idx, length, n_init, bs, key.shape[1])
+    visible_far = (i - j >= n_local) & allowed.repeat_interleave(groups, dim=0)
     logits = torch.where(is_near, near, far)
     logits = logits.masked_fill(~(is_near | visible_far), float("-inf"))
     probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
@@ -63,10 +64,12 @@ def _oracle_attention(
 
 
 def _far_allowed(
-    plan: dict[str, Any], layer: int, length: int, n_init: int, bs: int
+    plan: dict[str, Any], layer: int, length: int, n_init: int, bs: int, kv_heads: int
 ) -> torch.Tensor:
-    """[length, length] bool: far key j may be attended by query i (ignoring distance)."""
-    allowed = torch.ones(length, length, dtype=torch.bool)
+    """[kv_heads, length, length] bool: far key j may be attended by query i through
+    KV head h (ignoring distance). A record's blocks apply to every head unless it lists
+    the blocks of each KV head."""
+    allowed = torch.ones(kv_heads, length, length, dtype=torch.bool)
     chunks = plan.get("chunks")
     if chunks is None:
         return allowed
@@ -77,10 +80,12 @@ def _far_allowed(
         sealed_blocks = max(0, (start - n_local + 1 - n_init) // bs)
         if start - n_local + 1 < n_init:
             sealed_blocks = 0
-        chosen = plan["selected"].get((layer, start), ())
+        rows = plan["selected"].get((layer, start), ((),))
         sealed = (block_of >= 0) & (block_of < sealed_blocks)
-        ok = ~sealed | torch.isin(block_of, torch.tensor(chosen, dtype=torch.long))
-        allowed[start:end] = ok[None, :]
+        for head in range(kv_heads):
+            chosen = rows[head] if len(rows) > 1 else rows[0]
+            ok = ~sealed | torch.isin(block_of, torch.tensor(chosen, dtype=torch.long))
+            allowed[head, start:end] = ok[None, :]
     return allowed
 
 
@@ -110,7 +115,9 @@ def dense_oracle_logits(
     }
     if records is not None or chunks is not None:
         records = records or []
-        plan["selected"] = {(r.layer, r.query_start): r.block_ids for r in records}
+        plan["selected"] = {
+            (r.layer, r.query_start): r.head_block_ids or (r.block_ids,) for r in records
+        }
         plan["chunks"] = chunks or sorted({(r.query_start, r.query_end) for r in records})
     ids = torch.tensor([token_ids])
     try:

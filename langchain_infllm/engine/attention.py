@@ -24,9 +24,15 @@ import torch
 from torch import nn
 
 from langchain_infllm.engine.block_cache import DeviceBlockCache
+from langchain_infllm.engine.fused import additive_bias, attention_with_lse, merge
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord
-from langchain_infllm.engine.retrieval import Selection, score_blocks, select_blocks
+from langchain_infllm.engine.retrieval import (
+    Selection,
+    needs_attention_mass,
+    score_blocks,
+    select_blocks,
+)
 from langchain_infllm.engine.rope import RotaryTable
 
 ATTENTION_NAME = "infllm"
@@ -51,6 +57,9 @@ class InfLLMForwardContext:
     for every chunk that scores blocks (benchmarks/recall.py uses it)."""
     masks: dict[tuple[int, ...], ChunkMasks] = field(default_factory=dict)
     """Visibility masks per chunk layout; every layer of one call shares them."""
+    fused: bool = True
+    """Use the fused kernels where the retrieval method needs no attention mass."""
+    fused_masks: dict[tuple[int, ...], FusedMasks] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -127,7 +136,6 @@ def attend_chunk(
         raise RuntimeError(f"layer {layer_idx} holds {memory.length} tokens, chunk starts {start}")
     memory.append_tail(k, v)
     tail_start = memory.tail_start
-    device = q.device
     out_dtype = q.dtype
     # Queries in fp32, scaled once (cheaper than scaling the logits).
     q = q.to(torch.float32) * scaling
@@ -180,18 +188,10 @@ def attend_chunk(
     tail_k, tail_v = memory.tail_k, memory.tail_v
     loc_k = tail_k[:, local_lo - tail_start : end - tail_start]
     loc_v = tail_v[:, local_lo - tail_start : end - tail_start]
-    n_loc = loc_k.shape[1]
     n_rem = max(0, end - n_local - tail_start)
 
-    # Logits, softmax and the weighted sum run in fp32 whatever the model's dtype: the
-    # big [heads, c, keys] tensors are then written once, never converted, and the
-    # attention mass that picks representative keys is accumulated at full precision.
-    f32 = torch.float32
-    q_loc = ctx.rope.rotate(q, start - local_lo).reshape(kv_heads, groups * c, d)
-    k_loc = ctx.rope.rotate(loc_k.to(f32), 0)
-
-    mem_k_parts = [memory.init_k]
-    mem_v_parts = [memory.init_v]
+    mem_k_parts: list[torch.Tensor] = [memory.init_k]
+    mem_v_parts: list[torch.Tensor] = [memory.init_v]
     if pending is not None and selection is not None:
         blk_k, blk_v = pending.gather()
         if selection.shared:
@@ -202,26 +202,119 @@ def attend_chunk(
             mem_v_parts.append(_per_head_blocks(blk_v, selection))
     mem_k_parts.append(tail_k[:, :n_rem])
     mem_v_parts.append(tail_v[:, :n_rem])
-    mem_k = torch.cat(mem_k_parts, dim=1).to(f32)
-    mem_v = torch.cat(mem_v_parts, dim=1).to(f32)
-    n_mem = mem_k.shape[1]
+    mem_k = torch.cat(mem_k_parts, dim=1)
+    mem_v = torch.cat(mem_v_parts, dim=1)
+    layout = (start, end, local_lo, tail_start, n_rem)
+    q_loc = ctx.rope.rotate(q, start - local_lo).reshape(kv_heads, groups * c, d)
+    q_far = q_mem.reshape(kv_heads, groups * c, d)
+    if ctx.fused and not needs_attention_mass(memory.retrieval):
+        out = _fused_chunk(ctx, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v, groups)
+    else:
+        out = _reference_chunk(ctx, memory, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v)
+    memory.seal(end - n_local + 1, ctx.next_uid)
+    return out.reshape(heads, c, d).to(out_dtype)
 
+
+def _reference_chunk(
+    ctx: InfLLMForwardContext,
+    memory: LayerMemory,
+    layout: tuple[int, int, int, int, int],
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    loc_k: torch.Tensor,
+    loc_v: torch.Tensor,
+    mem_k: torch.Tensor,
+    mem_v: torch.Tensor,
+) -> torch.Tensor:
+    """One softmax over both parts in fp32; adds the attention mass each local key got.
+
+    Logits, softmax and the weighted sum run in fp32 whatever the model's dtype, and the
+    attention mass that picks the paper's representative keys is accumulated at full
+    precision. `q_* [kv_heads, groups * c, d]`; returns the same shape (fp32).
+    """
+    start, end, local_lo, tail_start, n_rem = layout
+    f32 = torch.float32
+    kv_heads, gc, _ = q_loc.shape
+    c = end - start
+    groups = gc // c
+    n_loc, n_mem = loc_k.shape[1], mem_k.shape[1]
+    k_loc = ctx.rope.rotate(loc_k.to(f32), 0)
     # One logits buffer for both parts, so a single softmax normalises over their union.
-    logits = torch.empty(kv_heads, groups * c, n_loc + n_mem, dtype=f32, device=device)
+    logits = torch.empty(kv_heads, gc, n_loc + n_mem, dtype=f32, device=q_loc.device)
     torch.bmm(q_loc, k_loc.transpose(1, 2), out=logits[:, :, :n_loc])
-    torch.bmm(q_mem.reshape(kv_heads, groups * c, d), mem_k.transpose(1, 2),
-              out=logits[:, :, n_loc:])
-    masks = _chunk_masks(ctx, start, end, local_lo, tail_start, n_rem, device)
+    torch.bmm(q_mem, mem_k.to(f32).transpose(1, 2), out=logits[:, :, n_loc:])
+    masks = _chunk_masks(ctx, start, end, local_lo, tail_start, n_rem, q_loc.device)
     _mask_bands(logits.view(kv_heads, groups, c, n_loc + n_mem), masks)
     probs = torch.softmax(logits, dim=-1)
     out = torch.bmm(probs[:, :, :n_loc], loc_v.to(f32))
-    out.baddbmm_(probs[:, :, n_loc:], mem_v)  # [kv_heads, groups*c, d]
-
+    out.baddbmm_(probs[:, :, n_loc:], mem_v.to(f32))
     # Attention mass each local key received: the basis of representative keys.
     mass = probs[:, :, :n_loc].view(kv_heads, groups, c, n_loc).sum(dim=2)
-    memory.add_tail_scores(local_lo, mass.reshape(heads, n_loc))
-    memory.seal(end - n_local + 1, ctx.next_uid)
-    return out.reshape(heads, c, d).to(out_dtype)
+    memory.add_tail_scores(local_lo, mass.reshape(kv_heads * groups, n_loc))
+    return out
+
+
+def _fused_chunk(
+    ctx: InfLLMForwardContext,
+    layout: tuple[int, int, int, int, int],
+    q_loc: torch.Tensor,
+    q_mem: torch.Tensor,
+    loc_k: torch.Tensor,
+    loc_v: torch.Tensor,
+    mem_k: torch.Tensor,
+    mem_v: torch.Tensor,
+    groups: int,
+) -> torch.Tensor:
+    """Local and memory parts as two fused kernels in the model's dtype, merged by LSE."""
+    dtype = loc_k.dtype
+    masks = _fused_masks(ctx, layout, mem_k.shape[1], groups, dtype, q_loc.device)
+    k_loc = ctx.rope.rotate(loc_k, 0)
+    local = attention_with_lse(q_loc.to(dtype), k_loc, loc_v, masks.local)
+    if mem_k.shape[1] == 0:
+        return merge(local, None, None)
+    far = attention_with_lse(q_mem.to(dtype), mem_k, mem_v, masks.memory)
+    return merge(local, far, masks.memory_rows_empty)
+
+
+@dataclass(frozen=True)
+class FusedMasks:
+    """Additive masks of one chunk layout for the fused kernels (rows: groups x queries)."""
+
+    local: torch.Tensor  # [groups * c, n_loc]
+    memory: torch.Tensor | None  # [groups * c, n_mem]; None when every memory key is visible
+    memory_rows_empty: torch.Tensor | None  # [groups * c]: queries that see no memory key
+
+
+def _fused_masks(
+    ctx: InfLLMForwardContext,
+    layout: tuple[int, int, int, int, int],
+    n_mem: int,
+    groups: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> FusedMasks:
+    """The chunk's fused-kernel masks, built once and reused by every layer."""
+    start, end, local_lo, tail_start, n_rem = layout
+    key = (*layout, n_mem, groups)
+    found = ctx.fused_masks.get(key)
+    if found is not None:
+        return found
+    n_local = ctx.n_local
+    qp = torch.arange(start, end, device=device)[:, None]
+    kp = torch.arange(local_lo, end, device=device)[None, :]
+    local = ((qp >= kp) & (qp - kp < n_local)).repeat(groups, 1)
+    memory = empty = None
+    if n_rem:
+        rem = torch.arange(tail_start, tail_start + n_rem, device=device)[None, :]
+        visible = torch.ones(end - start, n_mem, dtype=torch.bool, device=device)
+        visible[:, n_mem - n_rem :] = (qp - rem) >= n_local
+        if not bool(visible.all()):
+            visible = visible.repeat(groups, 1)
+            memory = additive_bias(visible, dtype)
+            empty = ~visible.any(dim=1)
+    masks = FusedMasks(additive_bias(local, dtype), memory, empty)
+    ctx.fused_masks[key] = masks
+    return masks
 
 
 def _chunk_masks(

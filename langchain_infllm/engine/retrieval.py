@@ -103,6 +103,12 @@ def needs_key_index(method: RetrievalMethod) -> bool:
     return method in ("maxkey", "maxmass")
 
 
+def needs_attention_mass(method: RetrievalMethod) -> bool:
+    """Whether the method's block summaries need the attention mass each key received
+    while local (the paper's representatives do; the fused attention keeps none)."""
+    return method == "infllm"
+
+
 def blocks_cached_per_chunk(method: RetrievalMethod, topk: int, kv_heads: int) -> int:
     """The most blocks one chunk may need resident at once (the union over heads)."""
     return topk if method == "infllm" else topk * kv_heads

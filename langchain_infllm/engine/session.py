@@ -414,6 +414,7 @@ class Session:
             next_uid=engine.next_uid,
             record=record if engine.config.trace != "off" or sink is not None else None,
             observe=self.observer,
+            fused=engine.config.fused_attention,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
         position_ids = torch.zeros_like(input_ids)
