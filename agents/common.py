@@ -396,6 +396,23 @@ def final_answer(messages: Iterable[AIMessage]) -> str:
     return ""
 
 
+def fact_markers(
+    questions: Sequence[Question], steps: Sequence[StepRecord]
+) -> list[tuple[str, int, int]]:
+    """Where each question's fact entered the history: the token span of the tool result
+    of its source call (from the step that made the call to the next step's prompt)."""
+    markers = []
+    for question in questions:
+        if question.source is None:
+            continue
+        for index, step in enumerate(steps[:-1]):
+            if any(_call_matches(call, question.source) for call in step.tool_calls):
+                begin, end = step.total_tokens, steps[index + 1].input_tokens
+                markers.append((f"{question.prompt} -> {question.answer}", begin, end))
+                break
+    return markers
+
+
 def _call_offsets(steps: Sequence[StepRecord]) -> dict[str, int]:
     """Token offset at which each tool call's result enters the context (first time)."""
     offsets: dict[str, int] = {}
@@ -466,7 +483,8 @@ def run_task(
     seconds = time.perf_counter() - began
     trace_path: str | None = None
     try:
-        trace_path = str(handler.save_report(out / "trace.html"))
+        markers = fact_markers(task.questions, steps)
+        trace_path = str(handler.save_report(out / "trace.html", markers=markers))
     except Exception:  # the report is a by-product: never lose the run's result over it
         logger.exception("could not write the trace report")
     engine_config = llm.resolved_config

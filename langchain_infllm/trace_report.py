@@ -127,7 +127,14 @@ def hottest_blocks(handler_data: Mapping[str, Any] | Any, limit: int = 15) -> li
 # ============================================================================ figure
 
 
-def render_heatmap_png(handler_data: Mapping[str, Any] | Any) -> bytes:
+Marker = tuple[str, int, int]
+"""A labelled span of history token positions ``(label, start, end)``, e.g. where a
+planted fact sits, drawn over the heat map so a reader sees whether recall hit it."""
+
+
+def render_heatmap_png(
+    handler_data: Mapping[str, Any] | Any, markers: Sequence[Marker] = ()
+) -> bytes:
     """The heat map as PNG bytes (matplotlib Agg canvas; no pyplot)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -166,7 +173,13 @@ def render_heatmap_png(handler_data: Mapping[str, Any] | Any) -> bytes:
         ax.text(
             0.5, 0.5, "no retrievals recorded", ha="center", va="center", transform=ax.transAxes
         )
-    ax.set_xlabel("history token position")
+    for number, (_label, begin, finish) in enumerate(markers, start=1):
+        ax.axvspan(begin, max(finish, begin + 1), color="red", alpha=0.25, linewidth=0)
+        ax.axvline(begin, color="red", linewidth=0.8)
+        ax.annotate(f"F{number}", (begin, -0.5), xytext=(2, 2), textcoords="offset points",
+                    color="red", fontsize=8, annotation_clip=False)
+    ax.set_xlabel("history token position" + ("  (red: planted facts F1, F2, ...)"
+                                              if markers else ""))
     ax.set_ylabel("agent step")
     ax.set_title("Recalled context per agent step")
     if steps and len(steps) <= 40:
@@ -340,20 +353,32 @@ def _embedded_json(steps: Sequence[Mapping[str, Any]]) -> str:
     return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
+def _marker_list(markers: Sequence[Marker]) -> str:
+    if not markers:
+        return ""
+    items = "".join(
+        f"<li>F{i}: tokens {begin}-{end}: {_e(label)}</li>"
+        for i, (label, begin, end) in enumerate(markers, start=1)
+    )
+    return f'<h2>Planted facts (red on the map)</h2><ul id="markers">{items}</ul>'
+
+
 def save_report(
     handler_data: Mapping[str, Any] | Any,
     path: str | Path,
     *,
     title: str = "InfLLM retrieval trace",
+    markers: Sequence[Marker] = (),
 ) -> Path:
     """Write ``path`` (HTML) and ``<stem>.png`` next to it; returns the HTML path.
 
-    ``handler_data`` is :meth:`RetrievalTraceHandler.to_dict` output (or the handler).
+    ``handler_data`` is :meth:`RetrievalTraceHandler.to_dict` output (or the handler);
+    ``markers`` are labelled history spans to highlight (planted facts, say).
     """
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     steps = _steps(handler_data)
-    png = render_heatmap_png({"steps": steps})
+    png = render_heatmap_png({"steps": steps}, markers)
     out.with_suffix(".png").write_bytes(png)
     hot = hottest_blocks({"steps": steps})
     sums = {
@@ -401,6 +426,7 @@ def save_report(
 <div class="meta">Rows: agent steps. Columns: token positions of the history. Colour: how
 often the memory blocks covering a position were selected (all layers, all chunks). Grey:
 beyond that step's context. Dotted lines: message starts in the last step.</div>
+{_marker_list(markers)}
 <h2>Messages behind the hottest blocks</h2>
 <table class="sortable" id="hot-blocks"><thead><tr><th>tokens</th><th>selections</th>
 <th>steps</th><th>message(s)</th><th>block text</th></tr></thead>

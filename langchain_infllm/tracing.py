@@ -704,11 +704,16 @@ class RetrievalTraceHandler(BaseCallbackHandler):
             steps = [s.to_dict() for s in self._steps]
         return {"schema_version": SCHEMA_VERSION, "kind": "infllm.trace", "steps": steps}
 
-    def save_report(self, path: str | Path) -> Path:
-        """Write the HTML report (and ``<stem>.png``); returns the HTML path."""
+    def save_report(
+        self, path: str | Path, markers: Sequence[tuple[str, int, int]] = ()
+    ) -> Path:
+        """Write the HTML report (and ``<stem>.png``); returns the HTML path.
+
+        ``markers``: ``(label, start, end)`` history spans to highlight (planted facts).
+        """
         from langchain_infllm.trace_report import save_report
 
-        return save_report(self.to_dict(), path)
+        return save_report(self.to_dict(), path, markers=markers)
 
     def clear(self) -> None:
         with self._lock:

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from langchain_infllm import ConfigError, InfLLMConfig, InfLLMEngine
+from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.engine.memory import LayerMemory, LayerShape
 from langchain_infllm.engine.retrieval import RETRIEVAL_METHODS, score_blocks, select_blocks
 from tests.dense_oracle import dense_oracle_logits
@@ -175,13 +175,23 @@ def test_key_index_follows_truncate_fork_and_reload(method: str, tmp_path: Path)
     assert torch.equal(a, b)
 
 
-def test_per_head_retrieval_needs_room_for_every_heads_blocks() -> None:
+@pytest.mark.parametrize("method", PER_HEAD)
+def test_per_head_cache_holds_slices_within_the_block_budget(method: str) -> None:
+    """Per-head methods cache one KV head's slice per entry: device bytes stay within the
+    paper's budget (max_cached_block whole blocks), and closing frees every slice."""
     model, _ = tiny_pair("llama", seed=0)  # 2 KV heads
-    config = InfLLMConfig(n_local=16, block_size=4, n_init=2, topk=3, max_cached_block=5,
-                          retrieval="maxkey")
-    with pytest.raises(ConfigError, match="max_cached_block"):
-        InfLLMEngine(model, None, config)
-    InfLLMEngine(model, None, config.model_copy(update={"retrieval": "infllm"}))
+    config = InfLLMConfig(n_local=16, block_size=4, n_init=2, topk=3, max_cached_block=3,
+                          exc_block_size=5, chunk_size=11, retrieval=method)  # type: ignore[arg-type]
+    engine = InfLLMEngine(model, None, config)
+    session = engine.new_session()
+    rng = random.Random(1)
+    for _ in range(12):
+        session.append([rng.randrange(97) for _ in range(9)])
+        assert engine.cache_resident_bytes() <= engine.cache_budget_bytes()
+    resident = engine.caches[0].resident_ids()
+    assert resident and all(isinstance(key, tuple) for key in resident)
+    session.close()
+    assert all(len(cache) == 0 for cache in engine.caches)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -28,7 +28,6 @@ from langchain_infllm.engine.fused import additive_bias, attention_with_lse, mer
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord
 from langchain_infllm.engine.retrieval import (
-    Selection,
     needs_attention_mass,
     score_blocks,
     select_blocks,
@@ -159,12 +158,20 @@ def attend_chunk(
         )
         chosen = selection.blocks
         before = cache.counters.snapshot()
-        pending = cache.fetch(
-            [memory.block_uids[i] for i in chosen],
-            [memory.block_k[i] for i in chosen],
-            [memory.block_v[i] for i in chosen],
-            selection.scores,
-        )
+        if selection.shared:
+            pending = cache.fetch(
+                [memory.block_uids[i] for i in chosen],
+                [memory.block_k[i] for i in chosen],
+                [memory.block_v[i] for i in chosen],
+                selection.scores,
+            )
+        else:  # each KV head fetches only its own slices
+            wanted = [(b, g) for g, row in enumerate(selection.per_head) for b in row]
+            pending = cache.fetch(
+                [(memory.block_uids[b], g) for b, g in wanted],
+                [memory.block_k[b][g] for b, g in wanted],
+                [memory.block_v[b][g] for b, g in wanted],
+            )
         after = cache.counters.snapshot()
         if ctx.record is not None:
             ctx.record(
@@ -198,8 +205,8 @@ def attend_chunk(
             mem_k_parts.extend(blk_k)
             mem_v_parts.extend(blk_v)
         else:
-            mem_k_parts.append(_per_head_blocks(blk_k, selection))
-            mem_v_parts.append(_per_head_blocks(blk_v, selection))
+            mem_k_parts.append(_per_head_blocks(blk_k, kv_heads))
+            mem_v_parts.append(_per_head_blocks(blk_v, kv_heads))
     mem_k_parts.append(tail_k[:, :n_rem])
     mem_v_parts.append(tail_v[:, :n_rem])
     mem_k = torch.cat(mem_k_parts, dim=1)
@@ -369,15 +376,8 @@ def _mask_bands(logits: torch.Tensor, masks: ChunkMasks) -> None:
         logits[..., logits.shape[-1] - n_rem :].masked_fill_(masks.too_near, float("-inf"))
 
 
-def _per_head_blocks(resident: list[torch.Tensor], selection: Selection) -> torch.Tensor:
-    """`[kv_heads, k * block, dim]`: for each KV head, its own selected blocks in order.
-
-    `resident[i]` holds all heads of block `selection.blocks[i]`.
-    """
-    slot = {block: i for i, block in enumerate(selection.blocks)}
-    return torch.stack(
-        [
-            torch.cat([resident[slot[b]][head] for b in row], dim=0)
-            for head, row in enumerate(selection.per_head)
-        ]
-    )
+def _per_head_blocks(slices: list[torch.Tensor], kv_heads: int) -> torch.Tensor:
+    """`[kv_heads, k * block, dim]` from per-head slices `[block, dim]` fetched head by
+    head (each head's `k` blocks in order)."""
+    stacked = torch.stack(slices)  # [kv_heads * k, block, dim]
+    return stacked.view(kv_heads, -1, stacked.shape[-1])

@@ -10,9 +10,17 @@ local-window attention that runs meanwhile; `wait()` orders the gather after it.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
+
+CacheKey = Hashable
+"""A block uid (the whole block, all KV heads) or `(uid, kv_head)` (one head's slice)."""
+
+
+def _block_of(key: CacheKey) -> int:
+    return int(key[0] if isinstance(key, tuple) else key)  # type: ignore[call-overload]
 
 
 @dataclass
@@ -64,9 +72,9 @@ class DeviceBlockCache:
         self.score_decay = score_decay
         self.slot_k: list[torch.Tensor] = []
         self.slot_v: list[torch.Tensor] = []
-        self._slot_of: OrderedDict[int, int] = OrderedDict()  # block uid -> slot, LRU order
-        self._block_of_slot: dict[int, int] = {}
-        self._scores: dict[int, float] = {}
+        self._slot_of: OrderedDict[CacheKey, int] = OrderedDict()  # key -> slot, LRU order
+        self._block_of_slot: dict[int, CacheKey] = {}
+        self._scores: dict[CacheKey, float] = {}
         self._free: list[int] = []
         self.counters = CacheCounters()
         self._stream = (
@@ -83,20 +91,20 @@ class DeviceBlockCache:
     def __len__(self) -> int:
         return len(self._slot_of)
 
-    def resident_ids(self) -> set[int]:
-        """Ids of the blocks that occupy a device slot now."""
+    def resident_ids(self) -> set[CacheKey]:
+        """Keys of the blocks (or per-head slices) that occupy a device slot now."""
         return set(self._slot_of)
 
     def fetch(
         self,
-        uids: list[int],
+        uids: list[CacheKey],
         host_k: list[torch.Tensor],
         host_v: list[torch.Tensor],
         weights: list[float] | None = None,
     ) -> PendingFetch:
         """Make the given blocks resident; copies start now, `gather()` returns them.
 
-        `host_k[i]`/`host_v[i]` are the host copies of block `uids[i]`.
+        `host_k[i]`/`host_v[i]` are the host copies of block (or slice) `uids[i]`.
         """
         if len(uids) > self.capacity:
             raise ValueError(f"{len(uids)} blocks requested but the cache holds {self.capacity}")
@@ -142,7 +150,7 @@ class DeviceBlockCache:
             event.record(self._stream)
         return event
 
-    def _free_slot(self, needed: set[int], like: torch.Tensor) -> int:
+    def _free_slot(self, needed: set[CacheKey], like: torch.Tensor) -> int:
         if self._free:
             return self._free.pop()
         if len(self.slot_k) < self.capacity:
@@ -154,7 +162,7 @@ class DeviceBlockCache:
         self._scores.pop(victim, None)
         return slot
 
-    def _choose_victim(self, needed: set[int]) -> int:
+    def _choose_victim(self, needed: set[CacheKey]) -> CacheKey:
         candidates = [uid for uid in self._slot_of if uid not in needed]
         if not candidates:  # cannot happen while len(uids) <= capacity
             raise RuntimeError("block cache has no evictable slot")
@@ -169,11 +177,11 @@ class DeviceBlockCache:
         for uid in self._scores:
             self._scores[uid] *= keep
 
-    def score_state(self) -> dict[int, float] | None:
+    def score_state(self) -> dict[CacheKey, float] | None:
         """A copy of the `lru-s` scores (None for plain LRU, which keeps none)."""
         return dict(self._scores) if self.strategy == "lru-s" else None
 
-    def restore_score_state(self, state: dict[int, float] | None) -> None:
+    def restore_score_state(self, state: dict[CacheKey, float] | None) -> None:
         """Put back `score_state()` after a failed forward, for blocks still resident.
 
         Blocks the failed forward copied in stay resident with no score (as if never
@@ -184,10 +192,12 @@ class DeviceBlockCache:
         self._scores = {uid: score for uid, score in state.items() if uid in self._slot_of}
 
     def forget(self, uids: set[int]) -> None:
-        """Drop blocks that no session references any more (their slots become reusable)."""
-        for uid in uids:
-            slot = self._slot_of.pop(uid, None)
-            if slot is not None:
-                self._block_of_slot.pop(slot, None)
-                self._scores.pop(uid, None)
-                self._free.append(slot)
+        """Drop blocks that no session references any more (their slots become reusable),
+        with every per-head slice of them."""
+        if not uids:
+            return
+        for key in [key for key in self._slot_of if _block_of(key) in uids]:
+            slot = self._slot_of.pop(key)
+            self._block_of_slot.pop(slot, None)
+            self._scores.pop(key, None)
+            self._free.append(slot)

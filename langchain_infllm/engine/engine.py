@@ -17,14 +17,14 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from langchain_infllm.config import ConfigError, InfLLMConfig
+from langchain_infllm.config import InfLLMConfig
 from langchain_infllm.engine.architectures import check_supported, layer_shape
 from langchain_infllm.engine.attention import ATTENTION_NAME, infllm_attention_forward
 from langchain_infllm.engine.block_cache import DeviceBlockCache
 from langchain_infllm.engine.budget import check_device_fit, estimate_device_budget
 from langchain_infllm.engine.host_memory import limit_heap_fragmentation
 from langchain_infllm.engine.memory import LayerMemory
-from langchain_infllm.engine.retrieval import blocks_cached_per_chunk
+from langchain_infllm.engine.retrieval import selects_per_head
 from langchain_infllm.engine.rope import RotaryTable
 from langchain_infllm.engine.session import Session
 from langchain_infllm.engine.store import SessionStore
@@ -82,13 +82,8 @@ class InfLLMEngine:
         self.num_layers = int(model_config.num_hidden_layers)
         self.vocab_size = int(model_config.vocab_size)
         cfg = self.config
-        needed = blocks_cached_per_chunk(cfg.retrieval, cfg.topk, self.shape.kv_heads)
-        if needed > cfg.max_cached_block:
-            raise ConfigError(
-                f"retrieval={cfg.retrieval!r} selects topk={cfg.topk} blocks per KV head; "
-                f"with {self.shape.kv_heads} KV heads a chunk may need {needed} blocks "
-                f"resident, but max_cached_block is {cfg.max_cached_block}"
-            )
+        # Per-head methods cache one KV head's slice per entry: the same device bytes.
+        slices = self.shape.kv_heads if selects_per_head(cfg.retrieval) else 1
         self.rope = RotaryTable(
             model.model.rotary_emb,  # type: ignore[union-attr,arg-type]
             size=cfg.n_local + cfg.exc_block_size + 1,
@@ -97,7 +92,7 @@ class InfLLMEngine:
         )
         self.caches = [
             DeviceBlockCache(
-                cfg.max_cached_block,
+                cfg.max_cached_block * slices,
                 self.device,
                 strategy=cfg.cache_strategy,
                 score_decay=cfg.score_decay,

@@ -109,6 +109,6 @@ def needs_attention_mass(method: RetrievalMethod) -> bool:
     return method == "infllm"
 
 
-def blocks_cached_per_chunk(method: RetrievalMethod, topk: int, kv_heads: int) -> int:
-    """The most blocks one chunk may need resident at once (the union over heads)."""
-    return topk if method == "infllm" else topk * kv_heads
+def selects_per_head(method: RetrievalMethod) -> bool:
+    """Whether each KV head attends its own blocks (else one set serves all heads)."""
+    return method != "infllm"
