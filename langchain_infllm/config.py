@@ -168,9 +168,12 @@ class InfLLMConfig(BaseModel):
 
     def fingerprint(self) -> str:
         """Hash of the fields that change what the memory holds (not trace or budgets)."""
-        relevant = self.model_dump(
-            include={"block_size", "n_init", "n_local", "repr_topk", "exc_block_size"}
-        )
+        fields = {"block_size", "n_init", "n_local", "repr_topk", "exc_block_size"}
+        if self.retrieval != "infllm":
+            # Other methods keep no attention mass, so their snapshots are not the paper's
+            # (and paper snapshots keep their old fingerprint).
+            fields.add("retrieval")
+        relevant = self.model_dump(include=fields)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 
 

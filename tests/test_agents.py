@@ -25,6 +25,7 @@ from agents.common import (
     approx_tokens,
     attention_span,
     build_parser,
+    fact_markers,
     final_answer,
     history_reused,
     mentions,
@@ -99,6 +100,16 @@ def test_history_reused_requires_each_step_to_cover_the_previous_total() -> None
     assert history_reused(good)
     bad = [_step(0, 100, 0, 10), _step(1, 300, 50, 10)]
     assert not history_reused(bad)
+
+
+def test_fact_markers_span_the_source_calls_result() -> None:
+    steps = [_step(0, 100, 0, 10), _step(1, 300, 110, 10), _step(2, 500, 320, 5)]
+    steps[0].tool_calls.append("read_page(n=1)")
+    steps[1].tool_calls.append("read_page(n=2)")
+    questions = [Question("What is on page 2?", "x", source=PlannedCall("read_page", {"n": 2})),
+                 Question("Unplanned?", "y")]
+    # page 2's result enters between step 1's output (310 tokens) and step 2's prompt (500)
+    assert fact_markers(questions, steps) == [("What is on page 2? -> x", 310, 500)]
 
 
 def test_final_answer_prefers_the_last_reply_without_tool_calls() -> None:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
+from langchain_infllm.engine.retrieval import RETRIEVAL_METHODS
 from tests.dense_oracle import dense_oracle_logits
 from tests.tiny_models import ARCHS, tiny_pair
 
@@ -33,11 +34,13 @@ def _exec_chunks(pieces: list[int], chunk_size: int, exc: int) -> list[tuple[int
     return chunks
 
 
+@pytest.mark.parametrize("retrieval", RETRIEVAL_METHODS)
 @pytest.mark.parametrize("arch", list(ARCHS))
-def test_short_context_equals_vanilla(arch: str) -> None:
+def test_short_context_equals_vanilla(arch: str, retrieval: str) -> None:
     model, reference = tiny_pair(arch, seed=1)
     config = InfLLMConfig(n_local=128, block_size=16, n_init=8, topk=2, max_cached_block=4,
-                          exc_block_size=16, chunk_size=40)
+                          exc_block_size=16, chunk_size=40,
+                          retrieval=retrieval)  # type: ignore[arg-type]
     engine = InfLLMEngine(model, None, config)
     rng = random.Random(arch)
     ids = [rng.randrange(97) for _ in range(127)]
@@ -53,12 +56,16 @@ def test_short_context_equals_vanilla(arch: str) -> None:
     assert session.n_blocks == 0
 
 
+@pytest.mark.parametrize("retrieval", RETRIEVAL_METHODS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 @pytest.mark.parametrize("seed", [0, 1])
-def test_long_context_matches_dense_oracle_with_all_blocks(arch: str, seed: int) -> None:
+def test_long_context_matches_dense_oracle_with_all_blocks(
+    arch: str, seed: int, retrieval: str
+) -> None:
     model, reference = tiny_pair(arch, seed=seed)
     config = InfLLMConfig(n_local=32, block_size=8, n_init=4, topk=64, max_cached_block=64,
-                          repr_topk=3, exc_block_size=12, chunk_size=29)
+                          repr_topk=3, exc_block_size=12, chunk_size=29,
+                          retrieval=retrieval)  # type: ignore[arg-type]
     engine = InfLLMEngine(model, None, config)
     rng = random.Random(seed * 31 + len(arch))
     ids = [rng.randrange(97) for _ in range(171)]  # 5+ windows, not a multiple of anything
@@ -77,8 +84,10 @@ def test_long_context_matches_dense_oracle_with_all_blocks(arch: str, seed: int)
 @pytest.mark.parametrize("topk", [0, 1, 3])
 def test_long_context_matches_oracle_restricted_to_selection(arch: str, topk: int) -> None:
     model, reference = tiny_pair(arch, seed=topk)
+    # The paper's scoring (faithful mode); per-head methods: tests/test_retrieval.py.
     config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=4,
-                          repr_topk=2, exc_block_size=7, chunk_size=19, trace="full")
+                          repr_topk=2, exc_block_size=7, chunk_size=19, trace="full",
+                          retrieval="infllm")
     engine = InfLLMEngine(model, None, config)
     rng = random.Random(100 + topk)
     ids = [rng.randrange(97) for _ in range(157)]
@@ -113,11 +122,13 @@ def test_fewer_blocks_differs_from_all_blocks() -> None:
     assert (full[-1] - none[-1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("retrieval", RETRIEVAL_METHODS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_tracks_dense_oracle(dtype: torch.dtype) -> None:
+def test_low_precision_tracks_dense_oracle(dtype: torch.dtype, retrieval: str) -> None:
     model, reference = tiny_pair("qwen2", seed=5, dtype=dtype)
     config = InfLLMConfig(n_local=32, block_size=8, n_init=4, topk=64, max_cached_block=64,
-                          exc_block_size=16, chunk_size=64)
+                          exc_block_size=16, chunk_size=64,
+                          retrieval=retrieval)  # type: ignore[arg-type]
     engine = InfLLMEngine(model, None, config)
     rng = random.Random(5)
     ids = [rng.randrange(97) for _ in range(150)]

@@ -612,6 +612,19 @@ def test_save_report_writes_html_and_png(tmp_path: Path) -> None:
     assert data is not None and len(json.loads(data.group(1))["steps"]) == 6
 
 
+def test_report_marks_planted_facts(tmp_path: Path) -> None:
+    """Fact markers are listed (escaped) and drawn: the picture changes where they sit."""
+    handler = synthetic_agent_trace(6)
+    plain = handler.save_report(tmp_path / "plain.html")
+    marked = handler.save_report(tmp_path / "marked.html",
+                                 markers=[("cat -> <Juniper>", 40, 90), ("code -> 1234", 200, 230)])
+    page = marked.read_text(encoding="utf-8")
+    assert "F1: tokens 40-90: cat -&gt; &lt;Juniper&gt;" in page
+    assert "F2: tokens 200-230" in page and 'id="markers"' in page
+    assert 'id="markers"' not in plain.read_text(encoding="utf-8")
+    assert (tmp_path / "plain.png").read_bytes() != (tmp_path / "marked.png").read_bytes()
+
+
 def test_report_with_no_steps(tmp_path: Path) -> None:
     from langchain_infllm.trace_report import save_report
 
