@@ -52,6 +52,8 @@ SIZES: dict[str, SizeSpec] = {
     "medium": SizeSpec(pages=40, words_per_page=400, questions=6),
     # GPU: several times Qwen2.5's native 32K window
     "large": SizeSpec(pages=160, words_per_page=520, questions=8),
+    # about twice Qwen2.5's native 32K window (~64K tokens): beyond-the-window checks
+    "beyond": SizeSpec(pages=88, words_per_page=500, questions=6),
 }
 
 # ============================================================================ generator

@@ -16,8 +16,10 @@ needle tasks, and for every method, in one run on the same token ids:
 * decode time per token.
 
 Methods: the retrieval methods of `InfLLMConfig.retrieval` with the given config,
-``sinks_window`` (``topk=0``) and ``full`` (the same engine with a window larger than
-the prompt: full attention, which the oracle tests prove equal to the unmodified model).
+``sinks_window`` (``topk=0``), ``full`` (the same engine with a window larger than
+the prompt: full attention, which the oracle tests prove equal to the unmodified model)
+and ``truncate`` (full attention on the last tokens that fit the model's native window
+with the question and answer: what a plain server does past its window).
 Writes ``benchmarks/results/recall.{json,csv,md,png}``.
 """
 
@@ -48,7 +50,7 @@ from benchmarks.common import (
 
 FORCED_PREFIX = "The answer is"
 RETRIEVAL_METHODS = ("infllm", "maxkey", "maxmass")
-CONTROL_METHODS = ("sinks_window", "full")
+CONTROL_METHODS = ("sinks_window", "full", "truncate")
 
 
 @dataclass
@@ -176,9 +178,12 @@ def _fact_blocks(span: tuple[int, int], n_init: int, block_size: int) -> set[int
 
 def measure_question(
     engine: Any, base: Any, q: RecallQuestion, method: str, *, stop_ids: set[int],
-    decode_tokens: int, tokenizer: Any,
+    decode_tokens: int, tokenizer: Any, cut: int = 0,
 ) -> dict[str, Any]:
-    """Answer, value log-probability and the fact block's fate at the value steps."""
+    """Answer, value log-probability and the fact block's fate at the value steps.
+
+    `cut`: how many leading context tokens the method dropped (``truncate``).
+    """
     from langchain_infllm.engine.retrieval import score_blocks
 
     cfg = engine.config
@@ -228,6 +233,8 @@ def measure_question(
     layers = engine.num_layers
     if method == "full":
         any_share = head_share = 1.0  # every key is in the window
+    elif method == "truncate":
+        any_share = head_share = float(q.fact_positions[0] >= cut)  # kept, hence attended
     elif method == "sinks_window" or not layer_hits:
         any_share = head_share = 0.0
     else:
@@ -264,7 +271,7 @@ def method_config(base: Any, spec: str, longest: int) -> Any:
     name, changes = parse_method(spec)
     if name == "sinks_window":
         return engine_config(base, topk=0, **changes)
-    if name == "full":
+    if name in ("full", "truncate"):
         window = 1 << math.ceil(math.log2(longest + 64))
         return engine_config(base, n_local=window, **changes)
     return engine_config(base, retrieval=name, **changes)
@@ -290,6 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   for c in cases) + args.decode_tokens + 16
     stop_ids = {int(i) for i in [tokenizer.eos_token_id,
                                  tokenizer.convert_tokens_to_ids("<|im_end|>")] if i is not None}
+    native = int(model.config.max_position_embeddings)
     rows: list[dict[str, Any]] = []
     engines = {m: InfLLMEngine(model, tokenizer, method_config(base_cfg, m, longest))
                for m in args.methods}
@@ -300,18 +308,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 engine = engines[method]
                 engine.model.set_attn_implementation("infllm")
                 base = engine.new_session()
+                prefix = case.prefix_ids
+                if parse_method(method)[0] == "truncate":
+                    keep = native - max(len(q.suffix_ids) for q in case.questions) - (
+                        args.decode_tokens + 16)
+                    prefix = prefix[-keep:]
                 began = time.perf_counter()
-                base.append(case.prefix_ids)
+                base.append(prefix)
                 prefill = time.perf_counter() - began
                 for q in case.questions:
                     result = measure_question(engine, base, q, parse_method(method)[0],
                                               stop_ids=stop_ids,
+                                              cut=len(case.prefix_ids) - len(prefix),
                                               decode_tokens=args.decode_tokens,
                                               tokenizer=tokenizer)
                     rows.append({"case": case.name, "seed": case.seed, "method": method,
                                  "question": q.label, "value": q.value,
                                  "tokens": case.info["tokens"],
-                                 "prefill_tok_s": round(len(case.prefix_ids) / prefill, 1),
+                                 "prefill_tok_s": round(len(prefix) / prefill, 1),
                                  **result})
                 base.close()
                 bar.update(1)

@@ -152,3 +152,31 @@ def test_offload_memory_device_bounded_full_kv_linear(tmp_path: Path) -> None:
         assert r["full_kv_bytes_measured"] == r["full_kv_bytes_computed"]
     plot_offload(rows + measured, tmp_path / "o.png")
     assert (tmp_path / "o.png").stat().st_size > 0
+
+
+@pytest.mark.real_model
+def test_recall_diagnostic_runs_every_method_on_a_real_tokenizer(tmp_path: Path) -> None:
+    """The recall diagnostic end to end on SmolLM2 (a short pass key, tiny windows): the
+    controls bound what retrieval can do (full sees the fact's block everywhere, sinks +
+    window nowhere), and the per-head method reports where the fact's block ranks."""
+    import argparse
+
+    from benchmarks.recall import markdown, run, summarise
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("block_size: 16\nn_init: 16\nn_local: 128\ntopk: 2\n"
+                      "max_cached_block: 4\nexc_block_size: 64\nchunk_size: 512\n")
+    args = argparse.Namespace(
+        cases=["passkey"], size="small", seeds=[0], length=700, depths=[0.2],
+        methods=["maxkey", "infllm", "sinks_window", "full", "truncate"],
+        model="smollm2-135m-instruct", config=str(config), decode_tokens=6, threads=1)
+    payload = run(args)
+    rows = {r["method"]: r for r in payload["rows"]}
+    assert set(rows) == set(args.methods)
+    assert rows["full"]["fact_layers_selected"] == 1.0
+    assert rows["truncate"]["fact_layers_selected"] == 1.0  # 700 tokens fit the window
+    assert rows["sinks_window"]["fact_layers_selected"] == 0.0
+    assert rows["maxkey"]["median_rank"] is not None
+    assert all(r["fact_blocks"] for r in rows.values())
+    summary = summarise(payload["rows"])
+    assert "| passkey-700 | maxkey |" in markdown(summary)
