@@ -806,7 +806,7 @@ def test_failed_rename_keeps_previous_snapshot(
     saved: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     path = saved["path"]
-    real = persistence.os.replace
+    real = persistence.os.rename
     calls = []
 
     def flaky(src: Any, dst: Any) -> None:
@@ -815,7 +815,7 @@ def test_failed_rename_keeps_previous_snapshot(
             raise OSError("rename failed")
         real(src, dst)
 
-    monkeypatch.setattr(persistence.os, "replace", flaky)
+    monkeypatch.setattr(persistence.os, "rename", flaky)
     with pytest.raises(OSError, match="rename failed"):
         saved["session"].save(path)
     monkeypatch.undo()

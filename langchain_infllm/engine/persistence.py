@@ -1,7 +1,10 @@
 """Session snapshots: safetensors for tensors, a JSON manifest for everything else.
 
 A snapshot is a folder `{manifest.json, tensors.safetensors}` written next to its final
-place and renamed into it, so a crash mid-write leaves the previous snapshot intact.
+place and renamed into it, so after a crash at any instant the path loads the previous
+snapshot or the new one (the scheme and its recovery rule are described at `_publish`).
+Saving never deletes what this package did not write: a file, or a folder holding
+anything but a snapshot, at the path is refused.
 The manifest records the format version, the engine identity (model and config
 fingerprints), the sha256 of the tensor file and a sha256 of the manifest's own content
 (token ids, layer layout, and through the file hash every tensor byte); loading checks
@@ -14,12 +17,17 @@ Nothing is pickled.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
 import os
-import shutil
-import tempfile
+import re
+import stat
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -35,13 +43,30 @@ MANIFEST = "manifest.json"
 TENSORS = "tensors.safetensors"
 CONTENT_KEY = "content_sha256"
 
+fcntl: ModuleType | None
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
+_LOCAL_LOCK = threading.Lock()
+logger = logging.getLogger(__name__)
+
 
 class SessionFileError(ValueError):
     """A snapshot cannot be loaded: missing, corrupt, newer, or made for another engine."""
 
 
-def save_session(session: Session, path: Path) -> Path:
-    """Write `session` to the folder `path` atomically."""
+def save_session(
+    session: Session, path: Path, *, on_step: Callable[[str], None] | None = None
+) -> Path:
+    """Write `session` to the folder `path` atomically (see `_publish` for the scheme).
+
+    `path` may be absent, an empty folder or a snapshot this package wrote; anything else
+    (a file, a folder with other content) raises `FileExistsError` and is left alone.
+    `on_step` is called with a step name before every file-system change; the
+    crash-at-every-step tests kill the process there.
+    """
+    step = on_step or _no_step
     engine = session.engine
     tensors: dict[str, torch.Tensor] = {}
     layers_meta = []
@@ -64,40 +89,218 @@ def save_session(session: Session, path: Path) -> Path:
 
     path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        save_file(tensors, str(staging / TENSORS))
-        manifest: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
-            "session_id": session.session_id,
-            "engine": engine.identity(),
-            "infllm_config": engine.config.model_dump(),
-            "token_ids": session.token_ids,
-            "layers": layers_meta,
-            "tensors_sha256": _sha256(staging / TENSORS),
-        }
-        manifest[CONTENT_KEY] = content_sha256(manifest)
-        (staging / MANIFEST).write_text(json.dumps(manifest))
-        _replace_dir(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with _path_lock(path):
+        _recover(path, step)
+        kind = _target_kind(path)
+        staging = _sibling(path, STAGING_SUFFIX)
+        step("mkdir staging")
+        staging.mkdir()
+        try:
+            step("write tensors")
+            save_file(tensors, str(staging / TENSORS))
+            _fsync(staging / TENSORS)
+            manifest: dict[str, Any] = {
+                "format_version": FORMAT_VERSION,
+                "session_id": session.session_id,
+                "engine": engine.identity(),
+                "infllm_config": engine.config.model_dump(),
+                "token_ids": session.token_ids,
+                "layers": layers_meta,
+                "tensors_sha256": _sha256(staging / TENSORS),
+            }
+            manifest[CONTENT_KEY] = content_sha256(manifest)
+            step("write manifest")
+            (staging / MANIFEST).write_text(json.dumps(manifest))
+            _fsync(staging / MANIFEST)
+            _fsync(staging)
+            _publish(staging, path, kind, step)
+        except BaseException:
+            _remove_ours(staging)
+            raise
     return path
 
 
-def _replace_dir(staging: Path, path: Path) -> None:
-    if not path.exists():
-        os.replace(staging, path)
+# ------------------------------------------------------------------ atomic replacement
+#
+# Saves to one path are serialised by a lock file next to it; under the lock the new
+# snapshot is written to `.NAME.new` and published with renames:
+#
+#   path absent or an empty folder:  rename(.NAME.new -> NAME)             (atomic)
+#   path holds a snapshot:           rename(NAME -> .NAME.old)
+#                                    rename(.NAME.new -> NAME)
+#                                    remove .NAME.old
+#
+# The recovery rule: `.NAME.old` only ever holds the previous snapshot, so when NAME is
+# missing, `.NAME.old` *is* the snapshot (`committed_path`, used by load; the next save
+# renames it back). When NAME exists, `.NAME.old` and `.NAME.new` are debris of a crashed
+# save, removed by the next one. Whatever instant a crash hits, the path therefore loads
+# the old snapshot or the new one. Only the two file names a snapshot consists of are
+# ever deleted, so a folder with anything else in it is never emptied.
+
+SNAPSHOT_FILES = frozenset({MANIFEST, TENSORS})
+STAGING_SUFFIX = "new"
+BACKUP_SUFFIX = "old"
+LOCK_SUFFIX = "lock"
+_MANIFEST_HEAD = re.compile(rb'\A\s*\{\s*"format_version"\s*:\s*\d')
+
+
+def _no_step(_: str) -> None:
+    return None
+
+
+def _sibling(path: Path, suffix: str) -> Path:
+    return path.with_name(f".{path.name}.{suffix}")
+
+
+def committed_path(path: Path) -> Path:
+    """The folder that holds the snapshot saved at `path`: `path` itself, or its backup
+    when a save crashed between its two renames (see the scheme above)."""
+    if not os.path.lexists(path):
+        backup = _sibling(path, BACKUP_SUFFIX)
+        if backup.is_dir() and not backup.is_symlink():
+            return backup
+    return path
+
+
+@contextlib.contextmanager
+def _path_lock(path: Path) -> Iterator[None]:
+    """Exclusive lock on saving to `path`, across threads and processes (flock on
+    `.NAME.lock`, removed on release; a lock file replaced meanwhile is locked again)."""
+    if fcntl is None:  # no flock (Windows): serialise within this process only
+        with _LOCAL_LOCK:
+            yield
         return
-    old = path.with_name(f".{path.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
-    os.replace(path, old)
+    lock = _sibling(path, LOCK_SUFFIX)
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)  # the holder removed this lock file; lock the new one
     try:
-        os.replace(staging, path)
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(lock)
+        os.close(fd)
+
+
+def _is_snapshot_dir(path: Path) -> bool:
+    """A folder holding only snapshot files, with a manifest this package wrote."""
+    try:
+        names = set(os.listdir(path))
+        manifest = path / MANIFEST
+        if not names or not names <= SNAPSHOT_FILES or MANIFEST not in names:
+            return False
+        if not stat.S_ISREG(os.lstat(manifest).st_mode):
+            return False
+        with open(manifest, "rb") as fh:
+            return _MANIFEST_HEAD.match(fh.read(4096)) is not None
+    except OSError:
+        return False
+
+
+def _target_kind(path: Path) -> str:
+    """'absent', 'empty' or 'snapshot'; anything else at `path` raises FileExistsError."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "absent"
+    if not stat.S_ISDIR(mode):
+        raise FileExistsError(
+            f"{path} exists and is not a folder; a session snapshot is a folder, so it "
+            "was not saved there (nothing was changed)"
+        )
+    if not os.listdir(path):
+        return "empty"
+    if not _is_snapshot_dir(path):
+        raise FileExistsError(
+            f"{path} is a folder that is not a session snapshot (it holds files this "
+            "package did not write); refusing to replace it (nothing was changed)"
+        )
+    return "snapshot"
+
+
+def _remove_ours(folder: Path, step: Callable[[str], None] = _no_step) -> bool:
+    """Delete the snapshot files in `folder`, then the folder if that emptied it; True
+    when it is gone. Files of any other name are kept (and so is the folder)."""
+    for name in sorted(SNAPSHOT_FILES):
+        target = folder / name
+        if os.path.lexists(target):
+            step(f"remove {folder.name}/{name}")
+            with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                target.unlink()
+    try:
+        step(f"remove {folder.name}")
+        folder.rmdir()
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def _recover(path: Path, step: Callable[[str], None]) -> None:
+    """Finish what a crashed save left (called under the path lock)."""
+    backup = _sibling(path, BACKUP_SUFFIX)
+    if os.path.isdir(backup) and not os.path.islink(backup):
+        if not os.path.lexists(path):
+            step("restore backup")
+            os.rename(backup, path)  # crashed between the renames: the old one is back
+        elif not _remove_ours(backup, step):
+            raise FileExistsError(
+                f"{backup} (left by an interrupted save) holds files this package did not "
+                "write; move it away and save again"
+            )
+    staging = _sibling(path, STAGING_SUFFIX)
+    if os.path.isdir(staging) and not os.path.islink(staging) and not _remove_ours(staging, step):
+        raise FileExistsError(
+            f"{staging} (left by an interrupted save) holds files this package did not "
+            "write; move it away and save again"
+        )
+
+
+def _publish(staging: Path, path: Path, kind: str, step: Callable[[str], None]) -> None:
+    """Move the complete snapshot `staging` to `path` (see the scheme above)."""
+    if kind in ("absent", "empty"):
+        step("rename staging")
+        os.rename(staging, path)  # fails, changing nothing, if something appeared there
+        _fsync(path.parent)
+        return
+    backup = _sibling(path, BACKUP_SUFFIX)
+    step("rename old")
+    os.rename(path, backup)
+    try:
+        step("rename staging")
+        os.rename(staging, path)
     except BaseException:
-        os.replace(old, path)  # put the previous snapshot back where it was
+        os.rename(backup, path)  # put the previous snapshot back where it was
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    _fsync(path.parent)
+    if not _remove_ours(backup, step):
+        logger.warning("kept %s: files were added to the snapshot while it was saved", backup)
+
+
+def _fsync(target: Path) -> None:
+    """Flush a file or folder to disk, so a power loss cannot undo a rename's order."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) if target.is_dir() else os.O_RDONLY
+    try:
+        fd = os.open(target, flags)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems cannot fsync folders
+    finally:
+        os.close(fd)
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -127,7 +330,7 @@ def content_sha256(manifest: dict[str, Any]) -> str:
 
 def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Session:
     """Rebuild a session from `path`; raises `SessionFileError` and leaves `engine` as it was."""
-
+    path = committed_path(path)
     manifest = read_manifest(path)
     version = manifest.get("format_version")
     if type(version) is not int:
