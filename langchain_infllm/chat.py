@@ -17,11 +17,14 @@ import argparse
 import contextlib
 import json
 import logging
+import os
 import queue
 import signal
+import stat
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -242,6 +245,10 @@ class ChatCLI:
         except ChatCLIError as exc:
             self.say(f"error: {exc}")
             return True
+        except Exception as exc:  # a command never ends the chat; its state is unchanged
+            logger.debug("command %s failed", command, exc_info=True)
+            self.say(f"error: {command} failed: {type(exc).__name__}: {exc}")
+            return True
 
     def cmd_help(self, _: str) -> None:
         self.say(HELP)
@@ -278,16 +285,19 @@ class ChatCLI:
         session = self.engine.session(self.session_id)
         if len(session) == 0:
             raise ChatCLIError("nothing to save yet")
+        payload = {
+            "format": FORMAT,
+            "model": self.chat.model_name,
+            "turns": self.turns,
+            "messages": messages_to_dict(self.messages),
+        }
         try:
             folder.mkdir(parents=True, exist_ok=True)
+            _check_ours(folder / MESSAGES_FILE)  # before anything is written
+            # The snapshot refuses a session/ folder it did not write, and replaces its
+            # own atomically; messages.json is replaced atomically too.
             session.save(folder / SESSION_DIR)
-            payload = {
-                "format": FORMAT,
-                "model": self.chat.model_name,
-                "turns": self.turns,
-                "messages": messages_to_dict(self.messages),
-            }
-            (folder / MESSAGES_FILE).write_text(json.dumps(payload))
+            _write_atomically(folder / MESSAGES_FILE, json.dumps(payload))
         except OSError as exc:
             raise ChatCLIError(f"cannot save to {folder}: {exc}") from None
         self.say(f"[saved {len(self.messages)} messages, {len(session)} tokens to {folder}]")
@@ -296,21 +306,18 @@ class ChatCLI:
         if not argument:
             raise ChatCLIError("usage: /load PATH")
         folder = Path(argument).expanduser()
-        try:
-            payload = json.loads((folder / MESSAGES_FILE).read_text())
-            if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-                raise ChatCLIError(f"{folder / MESSAGES_FILE} was not written by /save")
-            messages = messages_from_dict(payload["messages"])
-        except FileNotFoundError:
-            raise ChatCLIError(f"{folder} holds no saved chat (no {MESSAGES_FILE})") from None
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise ChatCLIError(f"cannot read {folder / MESSAGES_FILE}: {exc}") from None
+        # Everything is read and checked before the conversation or the session changes:
+        # a bad /load reports one line and leaves both as they were.
+        messages, turns = _read_saved_chat(folder)
         try:
             session = self.engine.load_session(folder / SESSION_DIR, session_id=self.session_id)
         except SessionFileError as exc:
             raise ChatCLIError(str(exc)) from None
+        except Exception as exc:  # anything else: still one line, nothing replaced
+            logger.debug("session load failed", exc_info=True)
+            raise ChatCLIError(f"cannot load {folder / SESSION_DIR}: {exc}") from None
         self.messages = messages
-        self.turns = int(payload.get("turns", 0))
+        self.turns = turns
         self.say(f"[loaded {len(messages)} messages, {len(session)} tokens from {folder}]")
 
     # ------------------------------------------------------------------ loop
@@ -328,6 +335,67 @@ class ChatCLI:
                 continue
             if not self.handle(line):
                 return
+
+
+# ============================================================================ files
+
+MAX_MESSAGES_BYTES = 256 << 20
+
+
+def _check_ours(path: Path) -> None:
+    """Refuse to overwrite a `messages.json` that /save did not write."""
+    if not os.path.lexists(path):
+        return
+    try:
+        _read_saved_chat(path.parent)
+    except ChatCLIError as exc:
+        raise FileExistsError(
+            f"{path} was not written by /save; not overwriting it ({exc})"
+        ) from None
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to a temporary file next to `path`, then rename it into place."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+
+
+def _read_saved_chat(folder: Path) -> tuple[list[BaseMessage], int]:
+    """The messages and turn count /save wrote to `folder`; ChatCLIError if unusable."""
+    path = folder / MESSAGES_FILE
+    try:
+        info = os.stat(path)
+        if not stat.S_ISREG(info.st_mode):  # a folder, a FIFO, a device: never opened
+            raise ChatCLIError(f"{path} is not a regular file")
+        if info.st_size > MAX_MESSAGES_BYTES:
+            raise ChatCLIError(f"{path} is {info.st_size} bytes; not a saved chat")
+        payload = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ChatCLIError(f"{folder} holds no saved chat (no {MESSAGES_FILE})") from None
+    except (OSError, ValueError, RecursionError) as exc:
+        raise ChatCLIError(f"cannot read {path}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        raise ChatCLIError(f"{path} was not written by /save")
+    turns = payload.get("turns", 0)
+    if type(turns) is not int or turns < 0:
+        raise ChatCLIError(f"{path}: turns must be a non-negative integer, got {turns!r}")
+    raw = payload.get("messages")
+    if not isinstance(raw, list) or not all(isinstance(m, dict) for m in raw):
+        raise ChatCLIError(f"{path}: messages must be a list of objects")
+    try:
+        messages = messages_from_dict(raw)
+    except Exception as exc:  # pydantic and langchain raise many kinds
+        raise ChatCLIError(f"{path}: unreadable messages: {exc}") from None
+    return messages, turns
 
 
 # ============================================================================ entry point
