@@ -32,6 +32,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +88,7 @@ def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> 
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
     from agents import document_reader, repo_investigator
-    from agents.common import FINISH_WORD, score_answer
+    from agents.common import FINISH_WORD
     from langchain_infllm.chat_prompt import PromptRenderer
 
     if agent == "document_reader":
@@ -131,10 +132,16 @@ def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> 
             value=q.answer,
             value_ids=tokenizer.encode(" " + q.answer, add_special_tokens=False),
             fact_positions=span,
-            is_correct=lambda text, q=q: score_answer(q, text).correct,
+            is_correct=partial(_judge, q),
         ))
     return RecallCase(agent, seed, renders[0].token_ids[:common], questions,
                       {"size": size, "tokens": len(renders[0].token_ids)})
+
+
+def _judge(question: Any, text: str) -> bool:
+    from agents.common import score_answer
+
+    return bool(score_answer(question, text).correct)
 
 
 def needle_case(task: str, length: int, depth: float, seed: int, tokenizer: Any) -> RecallCase:
@@ -306,7 +313,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         for case in cases:
             for method in args.methods:  # interleaved: every method sees the same load
                 engine = engines[method]
-                engine.model.set_attn_implementation("infllm")
+                engine.model.set_attn_implementation("infllm")  # type: ignore[operator]
                 base = engine.new_session()
                 prefix = case.prefix_ids
                 if parse_method(method)[0] == "truncate":

@@ -20,7 +20,9 @@ CacheKey = Hashable
 
 
 def _block_of(key: CacheKey) -> int:
-    return int(key[0] if isinstance(key, tuple) else key)  # type: ignore[call-overload]
+    block = key[0] if isinstance(key, tuple) else key
+    assert isinstance(block, int)
+    return block
 
 
 @dataclass
