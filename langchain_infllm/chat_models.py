@@ -52,6 +52,7 @@ from langchain_infllm.chat_sessions import (
     token_store_for,
 )
 from langchain_infllm.config import InfLLMConfig, model_path_from_yaml
+from langchain_infllm.engine.sampling import check_seed, check_temperature, check_top_p
 from langchain_infllm.tool_parsing import (
     StreamEvent,
     TextEvent,
@@ -231,6 +232,31 @@ class _Detokenizer:
         return str(text[len(prefix) :]) if len(text) > len(prefix) else ""
 
 
+def _check_max_tokens(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_tokens must be a positive integer, got {value!r}")
+    return value
+
+
+def _format_tools(tools: Any) -> list[dict[str, Any]]:
+    """Tools in OpenAI form, each with a non-empty name; ValueError naming the tool
+    otherwise (a nameless tool could never be called or forced)."""
+    if isinstance(tools, Mapping) or not isinstance(tools, Sequence) or isinstance(tools, str):
+        raise ValueError(f"tools must be a list of tools, got {type(tools).__name__}")
+    formatted: list[dict[str, Any]] = []
+    for i, tool in enumerate(tools):
+        try:
+            spec = convert_to_openai_tool(tool)
+        except Exception as exc:  # langchain raises ValueError, KeyError, TypeError...
+            raise ValueError(f"tools[{i}] is not a tool: {exc}") from None
+        function = spec.get("function") if isinstance(spec, Mapping) else None
+        name = function.get("name") if isinstance(function, Mapping) else None
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"tools[{i}] has no name (a tool needs a non-empty string name)")
+        formatted.append(spec)
+    return formatted
+
+
 def _validate_stop(stop: Any, where: str) -> list[str]:
     if stop is None:
         return []
@@ -334,26 +360,26 @@ class ChatInfLLM(BaseChatModel):
     def _check_stop(cls, value: Any) -> list[str] | None:
         return None if value is None else _validate_stop(value, "ChatInfLLM")
 
-    @field_validator("temperature")
+    # "before" validators: pydantic would otherwise coerce True, "0.5" or nan first.
+    @field_validator("temperature", mode="before")
     @classmethod
-    def _check_temperature(cls, value: float) -> float:
-        if value < 0:
-            raise ValueError(f"temperature must be >= 0, got {value}")
-        return value
+    def _check_temperature(cls, value: Any) -> float:
+        return check_temperature(value)
 
-    @field_validator("top_p")
+    @field_validator("top_p", mode="before")
     @classmethod
-    def _check_top_p(cls, value: float) -> float:
-        if not 0.0 < value <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {value}")
-        return value
+    def _check_top_p(cls, value: Any) -> float:
+        return check_top_p(value)
 
-    @field_validator("max_tokens")
+    @field_validator("seed", mode="before")
     @classmethod
-    def _check_max_tokens(cls, value: int | None) -> int | None:
-        if value is not None and value < 1:
-            raise ValueError(f"max_tokens must be >= 1, got {value}")
-        return value
+    def _check_seed(cls, value: Any) -> int | None:
+        return check_seed(value)
+
+    @field_validator("max_tokens", mode="before")
+    @classmethod
+    def _check_max_tokens(cls, value: Any) -> int | None:
+        return None if value is None else _check_max_tokens(value)
 
     @field_validator("structured_output_retries")
     @classmethod
@@ -588,21 +614,15 @@ class ChatInfLLM(BaseChatModel):
             value = kwargs.get(name)
             return getattr(self, name) if value is None else value
 
-        temperature = float(option("temperature"))
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        top_p = float(option("top_p"))
-        if not 0.0 < top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        temperature = check_temperature(option("temperature"))
+        top_p = check_top_p(option("top_p"))
         max_tokens = option("max_tokens")
-        if max_tokens is not None and (not isinstance(max_tokens, int) or max_tokens < 1):
-            raise ValueError(f"max_tokens must be a positive integer, got {max_tokens!r}")
-        seed = option("seed")
-        if seed is not None and not isinstance(seed, int):
-            raise ValueError(f"seed must be an integer, got {seed!r}")
+        if max_tokens is not None:
+            max_tokens = _check_max_tokens(max_tokens)
+        seed = check_seed(option("seed"))
         tools: list[dict[str, Any]] | None = kwargs.get("tools") or None
         if tools is not None:
-            tools = [convert_to_openai_tool(t) for t in tools]
+            tools = _format_tools(tools)
         names = [t["function"]["name"] for t in tools or []]
         choice = _normalize_tool_choice(kwargs.get("tool_choice"), names)
         if choice not in (None, "auto", "none") and not tools:
@@ -1115,7 +1135,7 @@ class ChatInfLLM(BaseChatModel):
         ``"none"`` (must not), or a tool name (must call that one). Forced choices
         prefill the assistant turn with the tool-call opening (and the name).
         """
-        formatted = [convert_to_openai_tool(tool) for tool in tools]
+        formatted = _format_tools(tools)
         names = [t["function"]["name"] for t in formatted]
         choice = _normalize_tool_choice(tool_choice, names)
         if choice is not None:

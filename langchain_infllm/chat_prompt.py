@@ -20,6 +20,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import re
 from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -59,6 +60,14 @@ _ROLE_ALIASES = {
     "developer": "system",
     "tool": "tool",
 }
+
+# Special-token strings written in message content are swapped for an escape before the
+# template runs and encoded as plain text afterwards (``PromptRenderer.encode``), so no
+# message can forge a role or an end of turn. ESC + chr(CODE_BASE + j) stands for the
+# j-th special string, ESC + ESC for a literal ESC. Plane-15 private-use characters.
+ESC = "\U000f0000"
+CODE_BASE = 0xF0001
+_ESCAPE = re.compile(re.escape(ESC) + "(.)", re.DOTALL)
 
 TokenLookup = Callable[[AIMessage], "Sequence[int] | None"]
 """Returns the exact ids generated for an assistant message, or None."""
@@ -152,7 +161,26 @@ def messages_to_dicts(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """Validate and convert a conversation; raises ``PromptError`` naming the problem."""
     if not messages:
         raise PromptError("no messages: ChatInfLLM needs at least one message")
+    _check_tool_results(messages)
     return [message_to_dict(message, index) for index, message in enumerate(messages)]
+
+
+def _check_tool_results(messages: Sequence[BaseMessage]) -> None:
+    """Every ToolMessage must answer a tool call an earlier AIMessage made: a result for
+    no call would show the model a tool exchange that never happened."""
+    asked: set[str] = set()
+    for index, message in enumerate(messages):
+        if isinstance(message, AIMessage):
+            for call in [*message.tool_calls, *message.invalid_tool_calls]:
+                if call.get("id"):
+                    asked.add(str(call["id"]))
+        elif isinstance(message, ToolMessage):
+            call_id = message.tool_call_id
+            if not isinstance(call_id, str) or call_id not in asked:
+                raise PromptError(
+                    f"message {index} (tool): tool_call_id {call_id!r} answers no tool call "
+                    "of an earlier AIMessage"
+                )
 
 
 # ----------------------------------------------------------------------------- tools
@@ -276,6 +304,79 @@ class PromptRenderer:
             for text in (tokenizer.convert_ids_to_tokens(int(i)) for i in self.end_of_turn_ids)
             if isinstance(text, str) and text
         ]
+        self._specials = _special_strings(tokenizer)
+        self._special_re = (
+            re.compile("|".join(re.escape(t) for t in self._specials)) if self._specials else None
+        )
+        self._codes = {t: ESC + chr(CODE_BASE + j) for j, t in enumerate(self._specials)}
+        self._plain: dict[str, list[int]] = {}
+
+    # -- content escaping ----------------------------------------------------------------
+    def escape(self, text: str) -> str:
+        """`text` with its special-token strings (and ESC) escaped; see ``ESC``."""
+        if ESC in text:
+            text = text.replace(ESC, ESC + ESC)
+        if self._special_re is None:
+            return text
+        codes = self._codes
+        return self._special_re.sub(lambda m: codes[m.group(0)], text)
+
+    def unescape(self, text: str) -> str:
+        """The text an escaped rendering stands for."""
+        if ESC not in text:
+            return text
+        return _ESCAPE.sub(lambda m: self._escaped_text(m.group(1)), text)
+
+    def _escaped_text(self, code: str) -> str:
+        if code == ESC:
+            return ESC
+        j = ord(code) - CODE_BASE
+        return self._specials[j] if 0 <= j < len(self._specials) else ESC + code
+
+    def _dicts(self, messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
+        """Message dicts with every content escaped (all roles: content is never control)."""
+        dicts = messages_to_dicts(messages)
+        for d in dicts:
+            if isinstance(d.get("content"), str):
+                d["content"] = self.escape(d["content"])
+        return dicts
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """Ids of `text` read as plain text: special-token strings are not matched."""
+        ids = self._plain.get(text)
+        if ids is None:
+            try:
+                ids = list(
+                    self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+                )
+            except TypeError:
+                ids = None
+            special = set(getattr(self.tokenizer, "all_special_ids", ()))
+            special |= {
+                int(i)
+                for i, tok in getattr(self.tokenizer, "added_tokens_decoder", {}).items()
+                if getattr(tok, "special", False)
+            }
+            if ids is None or special & set(ids):
+                # The tokenizer ignores the flag: one character at a time cannot match.
+                encode = self.tokenizer.encode
+                ids = [t for ch in text for t in encode(ch, add_special_tokens=False)]
+            self._plain[text] = ids
+        return list(ids)
+
+    def _pieces(self, text: str) -> list[tuple[int, str, bool]]:
+        """`text` cut at escapes: (start, text, plain) where plain pieces must be encoded
+        with no special-token matching; the others are exact substrings of `text`."""
+        pieces: list[tuple[int, str, bool]] = []
+        pos = 0
+        for m in _ESCAPE.finditer(text):
+            if m.start() > pos:
+                pieces.append((pos, text[pos : m.start()], False))
+            pieces.append((m.start(), self._escaped_text(m.group(1)), True))
+            pos = m.end()
+        if pos < len(text):
+            pieces.append((pos, text[pos:], False))
+        return pieces
 
     # -- plain rendering ---------------------------------------------------------------
     def apply(
@@ -304,18 +405,26 @@ class PromptRenderer:
         return text
 
     def encode(self, text: str) -> list[int]:
-        """Ids of a piece of rendered text (the template writes any BOS itself)."""
+        """Ids of a piece of rendered text (the template writes any BOS itself); escaped
+        content (see ``ESC``) becomes plain-text ids, never special tokens."""
         if not text:
             return []
-        return list(self.tokenizer.encode(text, add_special_tokens=False))
+        if ESC not in text:
+            return list(self.tokenizer.encode(text, add_special_tokens=False))
+        ids: list[int] = []
+        for _, piece, plain in self._pieces(text):
+            if plain:
+                ids.extend(self._plain_ids(piece))
+            else:
+                ids.extend(self.tokenizer.encode(piece, add_special_tokens=False))
+        return ids
 
     def count(
         self, messages: Sequence[BaseMessage], tools: Sequence[Mapping[str, Any]] | None = None
     ) -> int:
         """Tokens of the rendered prompt (with the generation prompt)."""
-        return len(
-            self.encode(self.apply(messages_to_dicts(messages), tools, add_generation_prompt=True))
-        )
+        text = self.apply(self._dicts(messages), tools, add_generation_prompt=True)
+        return len(self.encode(text))
 
     # -- prompt with splices -----------------------------------------------------------
     def render(
@@ -325,7 +434,7 @@ class PromptRenderer:
         lookup: TokenLookup | None = None,
     ) -> RenderedPrompt:
         """Ids for the conversation followed by the assistant generation prompt."""
-        dicts = messages_to_dicts(messages)
+        dicts = self._dicts(messages)
         full = self.apply(dicts, tools, add_generation_prompt=True)
         ids: list[int] = []
         starts: list[int] | None = []  # character offset in `full` of each token
@@ -366,7 +475,7 @@ class PromptRenderer:
         starts = self._extend_located(ids, starts, full, pos, len(full))
         return RenderedPrompt(
             token_ids=ids,
-            text=full,
+            text=self.unescape(full),
             spliced_messages=len(spans),
             spliced_tokens=spliced_tokens,
             segments=spans,
@@ -380,6 +489,18 @@ class PromptRenderer:
         tokenizer can report them (None from then on when it cannot)."""
         text = full[a:b]
         if not text:
+            return starts
+        if starts is not None and ESC in text:
+            for at, chunk, plain in self._pieces(text):
+                if plain:
+                    plain_ids = self._plain_ids(chunk)
+                    ids.extend(plain_ids)
+                    starts.extend([a + at] * len(plain_ids))
+                else:
+                    starts = self._extend_located(ids, starts, full, a + at, a + at + len(chunk))
+                    if starts is None:  # offsets unavailable: encode the rest without them
+                        ids.extend(self.encode(full[a + at + len(chunk) : b]))
+                        return None
             return starts
         if starts is not None:
             try:
@@ -470,6 +591,15 @@ class PromptRenderer:
         else:
             closing = region[best:]
         return ids + self.encode(closing)
+
+
+def _special_strings(tokenizer: Any) -> list[str]:
+    """The tokenizer's special-token strings, longest first (so overlaps escape whole)."""
+    found = {str(t) for t in getattr(tokenizer, "all_special_tokens", ()) or ()}
+    for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+        if getattr(tok, "special", False):
+            found.add(str(getattr(tok, "content", tok)))
+    return sorted((t for t in found if t), key=lambda t: (-len(t), t))
 
 
 def _token_ranges(

@@ -9,6 +9,8 @@ reloads its memory on first use, so a caller's handle stays valid.
 from __future__ import annotations
 
 import logging
+import numbers
+import operator
 import shutil
 import threading
 import time
@@ -23,7 +25,12 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_a
 from langchain_infllm.engine.attention import InfLLMForwardContext
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord, StepResult
-from langchain_infllm.engine.sampling import sample_token
+from langchain_infllm.engine.sampling import (
+    check_seed,
+    check_temperature,
+    check_top_p,
+    sample_token,
+)
 
 if TYPE_CHECKING:
     from langchain_infllm.engine.engine import InfLLMEngine
@@ -252,11 +259,17 @@ class Session:
         Closing the iterator early is safe: the session then holds the prompt plus exactly
         the tokens yielded so far.
         """
+        # Checked here, before the first token: a bad argument changes nothing.
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
+            raise ValueError(f"max_new_tokens must be an integer, got {max_new_tokens!r}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-        stops = set(stop_token_ids)
+        temperature = check_temperature(temperature)
+        top_p = check_top_p(top_p)
+        seed = check_seed(seed)
+        stops = set(self._validate_ids(stop_token_ids, "stop_token_ids"))
         generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        return self._generate(max_new_tokens, temperature, top_p, stops, generator)
+        return self._generate(int(max_new_tokens), temperature, top_p, stops, generator)
 
     def _generate(
         self,
@@ -342,12 +355,31 @@ class Session:
             logger.info("session %s reloaded from %s", self.session_id, path)
 
     # ------------------------------------------------------------- internals
-    def _validate_ids(self, token_ids: Iterable[int]) -> list[int]:
-        ids = [int(t) for t in token_ids]
+    def _validate_ids(self, token_ids: Iterable[int], name: str = "token_ids") -> list[int]:
+        """Integer ids in the vocabulary, or ValueError naming `name` and the position.
+
+        Only true integers pass (ints, numpy/torch integer scalars): a float such as 1.5,
+        a bool or a string is refused rather than silently converted.
+        """
+        if isinstance(token_ids, str | bytes) or not isinstance(token_ids, Iterable):
+            raise ValueError(
+                f"{name} must be a sequence of integer token ids, got "
+                f"{type(token_ids).__name__}"
+            )
+        ids = []
+        for i, t in enumerate(token_ids):
+            if isinstance(t, bool) or _is_bool_tensor(t):
+                raise ValueError(f"{name}[{i}] must be an integer token id, got {t!r}")
+            try:
+                ids.append(operator.index(t))
+            except TypeError:
+                raise ValueError(
+                    f"{name}[{i}] must be an integer token id, got {t!r} ({type(t).__name__})"
+                ) from None
         vocab = self.engine.vocab_size
         bad = [t for t in ids if not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"token ids out of range [0, {vocab}): {bad[:5]}")
+            raise ValueError(f"{name}: token ids out of range [0, {vocab}): {bad[:5]}")
         return ids
 
     def _cache_counters(self) -> tuple[int, int, int]:
@@ -450,6 +482,10 @@ class Session:
         if sink is not None:
             for rec in pending:
                 sink(rec)
+
+
+def _is_bool_tensor(value: Any) -> bool:
+    return isinstance(value, torch.Tensor) and value.dtype == torch.bool
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
