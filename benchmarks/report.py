@@ -17,6 +17,7 @@ from benchmarks.long_context import markdown_table
 from benchmarks.offload_memory import markdown_table as offload_table
 
 OUT = RESULTS_DIR.parent / "RESULTS.md"
+SPEED_MODEL = "qwen2.5-coder-0.5b-instruct"
 GIB = 2**30
 
 
@@ -162,6 +163,19 @@ def _prefill() -> list[str]:
     return lines
 
 
+def _table_run(name: str, title: str, module: str) -> list[str]:
+    """A run that wrote `<name>.json` (machine, args) and `<name>.md` (its table)."""
+    data, table = _load(name), RESULTS_DIR / f"{name}.md"
+    if data is None or not table.exists():
+        return []
+    lines = [f"### {title}", "", _machine(data["machine"]), "",
+             f"`python -m {module} {_argline(data['args'])}`", ""]
+    lines += [table.read_text().strip(), ""]
+    if (RESULTS_DIR / f"{name}.png").exists():
+        lines += [f"![{name}](results/{name}.png)", ""]
+    return lines
+
+
 def _trace_overhead() -> list[str]:
     table = RESULTS_DIR / "trace_overhead.md"
     if not table.exists():
@@ -182,6 +196,17 @@ def build() -> str:
         "every number below was measured by the command shown with it. Re-run everything "
         "with `python -m benchmarks.run_all` (see `benchmarks/README.md`).", "",
     ]
+    recall = RESULTS_DIR / "recall_notes.md"
+    if recall.exists():
+        lines += [recall.read_text().strip(), ""]
+    lines += _table_run("recall-ablation", "Ablation: every candidate on the same replays",
+                        "benchmarks.recall")
+    lines += _table_run("recall", "The shipped default against the paper and the controls",
+                        "benchmarks.recall")
+    lines += _table_run("recall-beyond", "Beyond the native window", "benchmarks.recall")
+    lines += _table_run("agents_recall", "The agents end to end", "benchmarks.agents_recall")
+    lines += _table_run(f"speed-{SPEED_MODEL}", "Speed: engine vs the unmodified model",
+                        "benchmarks.speed")
     notes = RESULTS_DIR / "notes.md"
     if notes.exists():
         lines += [notes.read_text().strip(), ""]

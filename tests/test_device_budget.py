@@ -70,3 +70,16 @@ def test_engine_refuses_a_cache_larger_than_the_gpu() -> None:
                         max_cached_block=max(2, int(free // (4096 * 1024)) * 4))
     with pytest.raises(DeviceMemoryError):
         InfLLMEngine(model, None, huge)
+
+
+def test_key_index_of_per_head_retrieval_is_counted() -> None:
+    """maxkey keeps every sealed key on the device (unless repr_on_host): 1M tokens of
+    a 7B-class layout add 1M x 32 layers x 8 KV heads x 128 dims x 2 bytes."""
+    paper, maxkey = budget(retrieval="infllm"), budget(retrieval="maxkey")
+    extra = 1_000_000 * 32 * 8 * 128 * 2
+    assert maxkey.representatives_per_1m_tokens - paper.representatives_per_1m_tokens == extra  # type: ignore[attr-defined]
+    on_host = budget(retrieval="maxkey", repr_on_host=True)
+    assert on_host.representatives_per_1m_tokens == 0  # type: ignore[attr-defined]
+    with pytest.raises(DeviceMemoryError, match="retrieval: infllm"):
+        check_device_fit(maxkey, 40 * GIB, 1_000_000)  # type: ignore[arg-type]
+    check_device_fit(paper, 40 * GIB, 1_000_000)  # type: ignore[arg-type]

@@ -4,7 +4,10 @@ The promise of offloading is a fixed device budget whatever the context length: 
 session the sinks, the tail (window + remainder + one execution chunk), and the
 representative keys (one per block and query head; they grow with the context unless
 `repr_on_host`), plus per engine the block cache and the working set of one chunk
-(activations of `chunk_size` tokens and one execution block's attention logits).
+(activations of `chunk_size` tokens and one execution block's attention logits). The
+per-head `maxkey` / `maxmass` retrieval also keeps an index of every sealed key (one
+token's K per layer), which grows with the context like the representatives but is
+larger for long contexts: the fit check counts it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from langchain_infllm.config import InfLLMConfig
 from langchain_infllm.engine.memory import LayerShape
+from langchain_infllm.engine.retrieval import needs_key_index
 
 GIB = 1024**3
 
@@ -43,7 +47,7 @@ class DeviceBudget:
             "weights (loaded)": self.weights,
             "block cache": self.block_cache,
             "sinks + window per session": self.session_fixed,
-            f"representative keys at {context_tokens:,} tokens": (
+            f"representative keys (and key index) at {context_tokens:,} tokens": (
                 self.representatives_per_1m_tokens * context_tokens // 1_000_000
             ),
             "one chunk's activations and logits": self.chunk_working_set,
@@ -71,6 +75,8 @@ def estimate_device_budget(
     session_fixed = num_layers * (config.n_init + tail_tokens) * kv_token
     reprs = 0 if config.repr_on_host else shape.heads * shape.head_dim * item * num_layers
     representatives_per_1m = reprs * 1_000_000 // config.block_size
+    if needs_key_index(config.retrieval) and not config.repr_on_host:
+        representatives_per_1m += 1_000_000 * shape.kv_heads * shape.head_dim * item * num_layers
     memory_keys = config.n_init + config.topk * config.block_size
     keys = memory_keys + config.n_local + 2 * config.exc_block_size
     logits = 3 * shape.heads * config.exc_block_size * keys * 4  # fp32 logits, probs, mask
@@ -95,5 +101,5 @@ def check_device_fit(budget: DeviceBudget, free_bytes: int, context_tokens: int)
             f"the weights for a {context_tokens:,}-token session, but only "
             f"{free_bytes / GIB:.2f} GiB is free ({budget.describe(context_tokens)}). "
             "Lower max_cached_block, chunk_size or n_local, set repr_on_host: true, "
-            "or use a smaller model / dtype."
+            "use retrieval: infllm (no key index), or a smaller model / dtype."
         )
