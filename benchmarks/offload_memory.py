@@ -15,8 +15,9 @@ are the same memory, but the engine accounts for them separately exactly as on a
 
 Beside them: the bytes a full KV cache needs for the same context (computed from the model
 shape; measured with a transformers `DynamicCache` up to `--measure-full-up-to`). The
-representative keys (one per block and query head) are the only device-side part that
-grows with the context; `repr_bytes` reports them (`--repr-on-host-too` adds a run with
+retrieval summaries (representative keys, one per block and query head, and with the
+per-head methods the index of sealed keys) are the only device-side part that grows with
+the context; `repr_bytes` reports them (`--repr-on-host-too` adds a run with
 them in host memory, which only separates them on a machine with a GPU). Writes
 `benchmarks/results/offload_memory.{json,csv,png}`.
 """
@@ -38,7 +39,6 @@ from benchmarks.common import (
     full_kv_bytes_per_token,
     machine,
     set_threads,
-    tensor_bytes,
     write_csv,
     write_results,
 )
@@ -120,7 +120,8 @@ def run_offload_memory(
         rows.append({
             "method": label, "context": len(session), "blocks": session.n_blocks,
             "session_device_bytes": session.device_bytes(),
-            "repr_bytes": sum(tensor_bytes(layer.reprs) for layer in session.layers),
+            "repr_bytes": sum(layer.summary_bytes() for layer in session.layers
+                              if not layer.repr_on_host),  # the device part of them
             "cache_resident_bytes": cache_bytes,
             "device_bytes": session.device_bytes() + cache_bytes,
             "cache_budget_bytes": engine.cache_budget_bytes(),

@@ -9,7 +9,8 @@ prompt from scratch), decode tokens/s (greedy, `--decode` tokens after the promp
 one agent step (append `--step-append` tokens, then generate `--step-generate`).
 ``unmodified`` is the model with transformers' SDPA attention and a `DynamicCache`
 (prefix reuse, the usual local server); the others are this engine with the config and
-that retrieval method. Methods run one after the other for each length, their order
+that retrieval method (``name:key=value,...`` overrides config fields, as in
+benchmarks/recall.py). Methods run one after the other for each length, their order
 rotated from length to length, so a change in machine load hits all of them.
 Writes ``benchmarks/results/speed-<model>.{json,md}``.
 """
@@ -32,6 +33,7 @@ from benchmarks.common import (
     set_threads,
     write_results,
 )
+from benchmarks.recall import method_config
 
 
 def _ids(n: int, seed: int) -> list[int]:
@@ -58,7 +60,7 @@ def measure(method: str, model: Any, config: Any, length: int, args: argparse.Na
         runner.generate(args.step_generate)
         agent_step = time.perf_counter() - began
     else:
-        engine = InfLLMEngine(model, None, engine_config(config, retrieval=method, trace="off"))
+        engine = InfLLMEngine(model, None, method_config(config, method, length))
         session = engine.new_session()
         began = time.perf_counter()
         session.append(prompt)
@@ -113,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     set_threads(args.threads)
     model, _ = load_model_and_tokenizer(args.model, device="cpu")
-    config = InfLLMConfig.from_yaml(args.config)
+    config = engine_config(InfLLMConfig.from_yaml(args.config), trace="off")
     rows = []
     for i, length in enumerate(args.lengths):
         order = args.methods[i % len(args.methods):] + args.methods[: i % len(args.methods)]

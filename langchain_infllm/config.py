@@ -55,9 +55,10 @@ class InfLLMConfig(BaseModel):
     exc_block_size: int = Field(512, gt=0, description="Queries per execution chunk.")
     chunk_size: int = Field(8192, gt=0, description="Tokens per model call while prefilling.")
     retrieval: RetrievalMethod = Field(
-        "infllm",
-        description="Block scoring: 'infllm' (the paper's representatives, one block set "
-        "per layer) or 'maxkey' (best single key per block, a block set per KV head).",
+        "maxkey",
+        description="Block scoring: 'maxkey' (a block's best key against the query, a "
+        "block set per KV head; the default), 'maxmass' (the same on per-head log "
+        "attention mass) or 'infllm' (the paper's representatives, one set per layer).",
     )
     fused_attention: bool = Field(
         True,

@@ -282,6 +282,8 @@ def retrieval_event_payloads(
                 "query_start": int(record.query_start),
                 "query_end": int(record.query_end),
                 "block_ids": [int(b) for b in record.block_ids],
+                "head_block_ids": None if record.head_block_ids is None else [
+                    [int(b) for b in row] for row in record.head_block_ids],
                 "scores": [_finite(s) for s in record.scores],
                 "block_spans": spans,
                 "hits": int(record.hits),

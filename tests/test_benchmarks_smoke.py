@@ -132,8 +132,12 @@ def test_agent_steps_compute_only_new_tokens(tmp_path: Path) -> None:
     assert (tmp_path / "a.png").stat().st_size > 0
 
 
-def test_offload_memory_device_bounded_full_kv_linear(tmp_path: Path) -> None:
-    config = InfLLMConfig.create(**SMALL)
+@pytest.mark.parametrize("retrieval", ["infllm", "maxkey"])
+def test_offload_memory_device_bounded_full_kv_linear(tmp_path: Path, retrieval: str) -> None:
+    # maxkey's key index is a retrieval summary like the representatives: with it on the
+    # host (repr_on_host) the device part is flat too.
+    config = InfLLMConfig.create(**SMALL, retrieval=retrieval,
+                                 repr_on_host=retrieval != "infllm")
     points = [256, 512, 1024, 2048]
     rows = run_offload_memory(tiny_llama(), config, points)
     assert [r["context"] for r in rows] == points

@@ -38,7 +38,8 @@ def test_block_cache_matches_engine_accounting() -> None:
 
 
 def test_representatives_grow_with_context_unless_on_host() -> None:
-    on_device, on_host = budget(), budget(repr_on_host=True)
+    on_device = budget(retrieval="infllm")
+    on_host = budget(retrieval="infllm", repr_on_host=True)
     assert on_host.representatives_per_1m_tokens == 0
     # 32 layers x 32 heads x 128 dims x 2 bytes per 128-token block: 16 MiB per 1M tokens
     # ... per head and layer; about 2 GB for 1M tokens in all (DESIGN.md's figure).
@@ -74,9 +75,10 @@ def test_engine_refuses_a_cache_larger_than_the_gpu() -> None:
 
 def test_key_index_of_per_head_retrieval_is_counted() -> None:
     """maxkey keeps every sealed key on the device (unless repr_on_host): 1M tokens of
-    a 7B-class layout add 1M x 32 layers x 8 KV heads x 128 dims x 2 bytes."""
+    a 7B-class layout add 1M x 32 layers x 8 KV heads x 128 dims x 2 bytes, twice over
+    (the buffer grows by doubling)."""
     paper, maxkey = budget(retrieval="infllm"), budget(retrieval="maxkey")
-    extra = 1_000_000 * 32 * 8 * 128 * 2
+    extra = 2 * 1_000_000 * 32 * 8 * 128 * 2
     assert maxkey.representatives_per_1m_tokens - paper.representatives_per_1m_tokens == extra  # type: ignore[attr-defined]
     on_host = budget(retrieval="maxkey", repr_on_host=True)
     assert on_host.representatives_per_1m_tokens == 0  # type: ignore[attr-defined]

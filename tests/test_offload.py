@@ -34,6 +34,9 @@ SETTINGS: dict[str, Any] = dict(
     exc_block_size=5,
     chunk_size=11,
     trace="full",
+    # Per-block cache accounting below; per-head methods cache per-head slices and have
+    # their own lossless test in tests/test_retrieval.py.
+    retrieval="infllm",
 )
 HUGE = 10_000  # never evicts
 

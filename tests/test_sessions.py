@@ -1461,7 +1461,7 @@ def test_failed_forward_leaves_no_attention_mass_behind(monkeypatch: pytest.Monk
     assert_same_state(state(session), before, scores=True)
     # blocks the failed forward sealed (and fetched) are gone: so are their cache slots
     for i, cache in enumerate(engine.caches):
-        assert cache.resident_ids() <= set(session.block_uids(i))
+        assert cache.resident_blocks() <= set(session.block_uids(i))
 
 
 def test_failed_forward_restores_lru_s_cache_scores(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -153,6 +153,7 @@ def test_retrieval_event_payloads() -> None:
         "query_start": 16,
         "query_end": 20,
         "block_ids": [0, 2],
+        "head_block_ids": None,
         "scores": [1.0, 3.0],
         "block_spans": [[0, 4], [8, 12]],
         "hits": 1,

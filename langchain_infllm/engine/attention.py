@@ -166,11 +166,12 @@ def attend_chunk(
                 selection.scores,
             )
         else:  # each KV head fetches only its own slices
+            uids, keys, values = memory.block_uids, memory.block_k, memory.block_v
             wanted = [(b, g) for g, row in enumerate(selection.per_head) for b in row]
             pending = cache.fetch(
-                [(memory.block_uids[b], g) for b, g in wanted],
-                [memory.block_k[b][g] for b, g in wanted],
-                [memory.block_v[b][g] for b, g in wanted],
+                [(uids[b], g) for b, g in wanted],
+                [keys[b][g] for b, g in wanted],
+                [values[b][g] for b, g in wanted],
             )
         after = cache.counters.snapshot()
         if ctx.record is not None:

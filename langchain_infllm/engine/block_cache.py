@@ -97,6 +97,10 @@ class DeviceBlockCache:
         """Keys of the blocks (or per-head slices) that occupy a device slot now."""
         return set(self._slot_of)
 
+    def resident_blocks(self) -> set[int]:
+        """Uids of the blocks of which anything (a whole block or a slice) is resident."""
+        return {_block_of(key) for key in self._slot_of}
+
     def fetch(
         self,
         uids: list[CacheKey],

@@ -76,7 +76,8 @@ def estimate_device_budget(
     reprs = 0 if config.repr_on_host else shape.heads * shape.head_dim * item * num_layers
     representatives_per_1m = reprs * 1_000_000 // config.block_size
     if needs_key_index(config.retrieval) and not config.repr_on_host:
-        representatives_per_1m += 1_000_000 * shape.kv_heads * shape.head_dim * item * num_layers
+        # one key per token and layer; the buffer grows by doubling, so count twice that
+        representatives_per_1m += 2_000_000 * shape.kv_heads * shape.head_dim * item * num_layers
     memory_keys = config.n_init + config.topk * config.block_size
     keys = memory_keys + config.n_local + 2 * config.exc_block_size
     logits = 3 * shape.heads * config.exc_block_size * keys * 4  # fp32 logits, probs, mask

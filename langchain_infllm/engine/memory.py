@@ -61,6 +61,7 @@ class LayerMemory:
         self.host_device = host_device
         self.pin_memory = pin_memory and device.type == "cuda"
         self.repr_device = host_device if repr_on_host else device
+        self.repr_on_host = repr_on_host  # counted as host bytes even where host == device
         kvh, d = shape.kv_heads, shape.head_dim
         self.init_k = torch.empty(kvh, 0, d, dtype=dtype, device=device)
         self.init_v = torch.empty(kvh, 0, d, dtype=dtype, device=device)
@@ -123,19 +124,23 @@ class LayerMemory:
     def device_bytes(self) -> int:
         """Bytes this layer holds on the compute device (sinks, tail buffers, representatives)."""
         tensors = [self.init_k, self.init_v, self._tail_k, self._tail_v, self._tail_score]
-        if self.repr_device == self.device:
+        if not self.repr_on_host:
             tensors.extend(self._summaries())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def host_bytes(self) -> int:
         tensors = self.block_k + self.block_v + self.block_scores
-        if self.repr_device != self.device:
+        if self.repr_on_host:
             tensors.extend(self._summaries())
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def _summaries(self) -> list[torch.Tensor]:
         """What retrieval scores against: representatives and the key index, if kept."""
         return [self._reprs] + ([self._index_k] if self._index_k is not None else [])
+
+    def summary_bytes(self) -> int:
+        """Bytes allocated for retrieval summaries (they grow with the context)."""
+        return sum(t.numel() * t.element_size() for t in self._summaries())
 
     # --------------------------------------------------------------- mutation
     def append_tail(self, k: torch.Tensor, v: torch.Tensor) -> None:

