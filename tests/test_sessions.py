@@ -658,7 +658,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[Path], None], str, str]] = {
     ),
     "tensors_is_a_folder": (
         lambda p: [(p / "tensors.safetensors").unlink(), (p / "tensors.safetensors").mkdir()],
-        "missing",
+        "not a regular file",
         "path",
     ),
     "deeply_nested_manifest": (

@@ -303,9 +303,103 @@ def _fsync(target: Path) -> None:
         os.close(fd)
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
+# Bounds on what a snapshot may make this process read. Each token's K and V sit in the
+# tensor file (every layer, every KV head), so its size bounds the token count, and the
+# manifest may hold at most MANIFEST_BASE_BYTES plus MANIFEST_BYTES_PER_TOKEN per token.
+MANIFEST_BASE_BYTES = 4 << 20
+MANIFEST_BYTES_PER_TOKEN = 16
+
+
+def _file_kind(mode: int) -> str:
+    """A reader's word for what is at a path that is not a regular file."""
+    for test, word in (
+        (stat.S_ISDIR, "folder"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    ):
+        if test(mode):
+            return word
+    return "special file"
+
+
+def _regular_size(folder: Path, name: str) -> int | None:
+    """Size of the regular file `folder/name` (a symlink is followed), None if absent.
+
+    A FIFO, socket, device or folder raises at once: opening or reading one could block
+    forever or never end.
+    """
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
+        mode_size = os.stat(folder / name)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:  # a file where the folder should be, a symlink loop...
+        raise SessionFileError(f"{folder}: cannot read {name}: {exc}") from None
+    if not stat.S_ISREG(mode_size.st_mode):
+        raise SessionFileError(
+            f"{folder}: cannot read {name}: it is a {_file_kind(mode_size.st_mode)}, "
+            "not a regular file"
+        )
+    return mode_size.st_size
+
+
+def _open_regular(file: Path) -> int:
+    """Open `file` for reading without ever blocking; refuse anything but a regular file.
+
+    O_NONBLOCK makes opening a FIFO swapped in after the `stat` return at once, and the
+    `fstat` of the open descriptor is what is trusted.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(file, flags)
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise SessionFileError(
+                f"{file.parent}: cannot read {file.name}: it is a {_file_kind(mode)}, "
+                "not a regular file"
+            )
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def manifest_cap(engine: InfLLMEngine, tensor_bytes: int) -> int:
+    """Largest manifest accepted next to a tensor file of `tensor_bytes` for `engine`."""
+    itemsize = torch.empty((), dtype=engine.dtype).element_size()
+    per_token = max(1, 2 * engine.num_layers * engine.shape.kv_heads * engine.shape.head_dim
+                    * itemsize)
+    return MANIFEST_BASE_BYTES + MANIFEST_BYTES_PER_TOKEN * (tensor_bytes // per_token + 1)
+
+
+def read_manifest(path: Path, max_bytes: int | None = None) -> dict[str, Any]:
+    """The manifest of the snapshot folder `path`, read only if it is a regular file of at
+    most `max_bytes` (default: MANIFEST_BASE_BYTES plus 16 bytes per byte of tensors,
+    a bound for callers without an engine), so a hostile file cannot block or exhaust
+    memory."""
+    size = _regular_size(path, MANIFEST)
+    if size is None:
+        raise SessionFileError(f"{path}: no {MANIFEST}; not a session snapshot")
+    if max_bytes is None:
+        tensor_bytes = _regular_size(path, TENSORS) or 0
+        max_bytes = MANIFEST_BASE_BYTES + MANIFEST_BYTES_PER_TOKEN * tensor_bytes
+
+    def too_large(got: str) -> SessionFileError:
+        return SessionFileError(
+            f"{path}/{MANIFEST} is too large ({got} bytes; at most {max_bytes} for this "
+            "snapshot); refusing to read it"
+        )
+
+    if size > max_bytes:
+        raise too_large(str(size))
+    try:
+        fd = _open_regular(path / MANIFEST)
+        with os.fdopen(fd, "rb") as fh:
+            data = fh.read(max_bytes + 1)  # a size that changed meanwhile is still bounded
+        if len(data) > max_bytes:
+            raise too_large(f"over {max_bytes}")
+        manifest = json.loads(data.decode("utf-8"))
     except FileNotFoundError:
         raise SessionFileError(f"{path}: no {MANIFEST}; not a session snapshot") from None
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
@@ -331,7 +425,11 @@ def content_sha256(manifest: dict[str, Any]) -> str:
 def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Session:
     """Rebuild a session from `path`; raises `SessionFileError` and leaves `engine` as it was."""
     path = committed_path(path)
-    manifest = read_manifest(path)
+    try:  # the manifest is checked first; what is wrong with the tensors comes after
+        tensor_bytes = _regular_size(path, TENSORS) or 0
+    except SessionFileError:
+        tensor_bytes = 0
+    manifest = read_manifest(path, manifest_cap(engine, tensor_bytes))
     version = manifest.get("format_version")
     if type(version) is not int:
         raise SessionFileError(f"{path}: format version {version!r} is not a valid version")
@@ -357,7 +455,7 @@ def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Se
     if diffs:
         raise SessionFileError(f"{path}: made for another model or config ({'; '.join(diffs)})")
     tensor_file = path / TENSORS
-    if not tensor_file.is_file():
+    if _regular_size(path, TENSORS) is None:
         raise SessionFileError(f"{path}: {TENSORS} is missing")
     try:
         file_sha = _sha256(tensor_file)
@@ -378,6 +476,7 @@ def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Se
     except (SafetensorError, OSError, ValueError) as exc:
         raise SessionFileError(f"{path}: cannot read {TENSORS}: {exc}") from None
     try:
+        _check_values(engine, tensors)
         return _rebuild(engine, manifest, tensors, session_id)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         raise SessionFileError(f"{path}: inconsistent snapshot: {exc}") from None
@@ -398,6 +497,47 @@ def _tensor(
             f"tensor {name} is {tuple(t.shape)} {t.dtype}, expected {shape} {dtype}"
         )
     return t
+
+
+SCORE_TENSORS = ("tail_score", "block_scores")
+
+
+def _check_values(engine: InfLLMEngine, tensors: dict[str, torch.Tensor]) -> None:
+    """Refuse values the model could never have produced, before anything is built.
+
+    NaN or inf in K/V, representatives or logits would poison every later token of the
+    session (and retrieval scores); attention mass is a sum of probabilities, so >= 0.
+    """
+    for name, t in tensors.items():
+        if t.is_floating_point() and not _all_finite(t):
+            raise ValueError(f"tensor {name} holds NaN or infinite values")
+        is_score = name.rsplit(".", 1)[-1] in SCORE_TENSORS and t.is_floating_point()
+        if is_score and bool((t < 0).any()):
+            raise ValueError(f"tensor {name} holds negative attention mass")
+    logits = tensors.get("last_logits")
+    if logits is not None:
+        width = _logits_width(engine)
+        if tuple(logits.shape) != (width,):
+            raise ValueError(
+                f"last_logits is {tuple(logits.shape)}; the model's vocabulary has {width} "
+                "logits"
+            )
+
+
+def _all_finite(t: torch.Tensor, step: int = 1 << 24) -> bool:
+    """`isfinite(t).all()` in slices, so a large tensor needs no mask of its own size."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[a : a + step]).all()) for a in range(0, flat.numel(), step))
+
+
+def _logits_width(engine: InfLLMEngine) -> int:
+    """Number of logits the model produces per position (its output embedding rows)."""
+    get_out = getattr(engine.model, "get_output_embeddings", None)
+    out = get_out() if callable(get_out) else None
+    weight = getattr(out, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+        return int(weight.shape[0])
+    return engine.vocab_size
 
 
 def _rebuild(
@@ -485,7 +625,7 @@ def _rebuild(
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with os.fdopen(_open_regular(path), "rb") as fh:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
