@@ -423,7 +423,12 @@ def content_sha256(manifest: dict[str, Any]) -> str:
 
 
 def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Session:
-    """Rebuild a session from `path`; raises `SessionFileError` and leaves `engine` as it was."""
+    """Rebuild a session from `path`; raises `SessionFileError` and leaves `engine` as it was
+    (a `session_id` that is not a non-empty string is a TypeError/ValueError, first)."""
+    from langchain_infllm.engine.store import check_session_id
+
+    if session_id is not None:
+        check_session_id(session_id)
     path = committed_path(path)
     try:  # the manifest is checked first; what is wrong with the tensors comes after
         tensor_bytes = _regular_size(path, TENSORS) or 0

@@ -331,8 +331,13 @@ class Session:
             self.engine.forget_blocks(dropped, self)
 
     def ensure_resident(self) -> None:
-        """Reload the memory of a spilled session; on failure it stays spilled (and loadable
-        again once the cause is fixed) and `SessionFileError` propagates."""
+        """Reload the memory of a spilled session.
+
+        The token ids never leave this object, so a spill snapshot that is gone or
+        corrupt loses nothing: the memory is recomputed from them (with a warning). If
+        that fails too (out of memory, interrupted) the session stays spilled, exactly as
+        it was, and the error propagates; a later call tries again.
+        """
         if self._spill_path is None:
             return
         from langchain_infllm.engine.persistence import SessionFileError, load_session
@@ -341,18 +346,43 @@ class Session:
             path = self._spill_path
             if path is None:
                 return
-            loaded = load_session(self.engine, path, self.session_id)
-            if loaded.token_ids != self._tokens:
-                raise SessionFileError(
-                    f"{path}: spill snapshot of session {self.session_id!r} holds other tokens"
+            try:
+                loaded = load_session(self.engine, path, self.session_id)
+                if loaded.token_ids != self._tokens:
+                    raise SessionFileError(
+                        f"{path}: spill snapshot of session {self.session_id!r} holds "
+                        "other tokens"
+                    )
+            except SessionFileError as exc:
+                logger.warning(
+                    "session %s: spill snapshot unusable (%s); recomputing its %d tokens",
+                    self.session_id, exc, len(self._tokens),
                 )
-            self._layers, loaded._layers = loaded._layers, []
-            self.last_logits = loaded.last_logits
-            self._spill_path = None
-            self._spilled_blocks = 0
+                self._recompute_spilled(path)
+            else:
+                self._layers, loaded._layers = loaded._layers, []
+                self.last_logits = loaded.last_logits
+                self._spill_path = None
+                self._spilled_blocks = 0
+                logger.info("session %s reloaded from %s", self.session_id, path)
             self.last_used = time.monotonic()
             shutil.rmtree(path, ignore_errors=True)
-            logger.info("session %s reloaded from %s", self.session_id, path)
+
+    def _recompute_spilled(self, path: Path) -> None:
+        """Rebuild a spilled session's memory from its token ids, all or nothing."""
+        tokens = self._tokens
+        self._layers = [self.engine.new_layer_memory() for _ in range(self.engine.num_layers)]
+        self._tokens = []
+        self._spill_path = None
+        try:
+            self._append(tokens)
+        except BaseException:
+            dropped = [layer.block_uids for layer in self._layers]
+            self._layers, self._tokens, self.last_logits = [], tokens, None
+            self._spill_path = path
+            self.engine.forget_blocks(dropped, self)
+            raise
+        self._spilled_blocks = 0
 
     # ------------------------------------------------------------- internals
     def _validate_ids(self, token_ids: Iterable[int], name: str = "token_ids") -> list[int]:

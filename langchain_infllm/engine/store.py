@@ -28,6 +28,19 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
+SPILL_RETRY_SECONDS = 5.0
+
+
+def check_session_id(session_id: object) -> str:
+    """A session id is a non-empty string; anything else is refused before the store is
+    touched (an int or "" key would break every later spill and lookup)."""
+    if not isinstance(session_id, str):
+        raise TypeError(f"session_id must be a non-empty string, got {type(session_id).__name__}"
+                        f" {session_id!r}")
+    if not session_id:
+        raise ValueError("session_id must be a non-empty string, got ''")
+    return session_id
+
 
 class SessionStore:
     """Get-or-create sessions by id; spill LRU ones when the host budget is exceeded."""
@@ -38,6 +51,10 @@ class SessionStore:
         self._lock = threading.RLock()
         self._enforcing = threading.Lock()  # one budget pass at a time
         self._spill_dir = Path(spill_dir) if spill_dir else None
+        # After a spill fails (disk full, read-only folder), budget passes skip spilling
+        # until then, so one bad disk does not cost a failed save on every append.
+        self.spill_retry_seconds = SPILL_RETRY_SECONDS
+        self._spill_retry_at = 0.0
 
     @property
     def spill_dir(self) -> Path:
@@ -46,8 +63,8 @@ class SessionStore:
                 self._spill_dir = Path(tempfile.mkdtemp(prefix="infllm-spill-"))
             return self._spill_dir
 
-    def __contains__(self, session_id: str) -> bool:
-        return session_id in self._sessions
+    def __contains__(self, session_id: object) -> bool:
+        return isinstance(session_id, str) and session_id in self._sessions
 
     def _all(self) -> list[Session]:
         with self._lock:
@@ -67,6 +84,7 @@ class SessionStore:
         """
         from langchain_infllm.engine.session import Session
 
+        check_session_id(session_id)
         with self._lock:
             session = self._sessions.get(session_id)
             if session is None:
@@ -80,6 +98,7 @@ class SessionStore:
     def put(self, session: Session) -> None:
         """Store `session` under its id (an object stored before under that id is left
         as it is for whoever still holds it)."""
+        check_session_id(session.session_id)
         with self._lock:
             self._sessions[session.session_id] = session
         self.enforce_budget(keep=session.session_id)
@@ -87,6 +106,7 @@ class SessionStore:
     def drop(self, session_id: str) -> None:
         """Forget the session: its memory, spill files and device cache slots are freed
         (a caller still holding the object holds an empty session)."""
+        check_session_id(session_id)
         with self._lock:
             session = self._sessions.pop(session_id, None)
         if session is not None:
@@ -106,10 +126,12 @@ class SessionStore:
         """Spill least recently used sessions until live host bytes fit the budget.
 
         Sessions that are busy (another caller holds their lock) are skipped, so the
-        store may stay over budget until they are free; it never waits for them.
+        store may stay over budget until they are free; it never waits for them. A spill
+        that fails is logged and the pass stops: the victim stays resident and whoever
+        triggered the pass (an append whose tokens are already committed) is not blamed.
         """
         budget = self._engine.config.session_host_budget_bytes
-        if budget is None:
+        if budget is None or time.monotonic() < self._spill_retry_at:
             return
         with self._enforcing:
             by_age = sorted(
@@ -120,7 +142,16 @@ class SessionStore:
                     return
                 if session.session_id == keep:
                     continue
-                self.spill(session.session_id)
+                try:
+                    self.spill(session.session_id)
+                except Exception:  # best effort: the session it tried is intact
+                    self._spill_retry_at = time.monotonic() + self.spill_retry_seconds
+                    logger.warning(
+                        "could not spill session %s (it stays in memory; the store is over "
+                        "its host budget; next try in %.0f s)",
+                        session.session_id, self.spill_retry_seconds, exc_info=True,
+                    )
+                    return
 
     def spill(self, session_id: str) -> Path | None:
         """Write a live session's memory to disk and release it.
@@ -128,6 +159,7 @@ class SessionStore:
         Returns the snapshot folder, or None when the session is busy (its lock is held,
         by another thread or by this one further up the stack) and was left alone.
         """
+        check_session_id(session_id)
         with self._lock:
             session = self._sessions[session_id]
         if _held_by_this_thread(session.lock) or not session.lock.acquire(blocking=False):
