@@ -12,6 +12,10 @@ all of them, then the layout against the tensors and the config, before it build
 session, and only ever raises `SessionFileError`. The checksums catch corruption, not
 forgery (anyone can recompute them); the structural checks still keep a well-checksummed
 but malformed file from producing a session whose token ids disagree with its memory.
+A snapshot is untrusted input: only regular files are opened (a FIFO, socket or device
+is refused without blocking), the manifest is refused above a size bound derived from
+the tensor file, and every tensor's values are checked (finite; attention mass >= 0;
+last logits one row of the model's vocabulary) before anything is built.
 Nothing is pickled.
 """
 

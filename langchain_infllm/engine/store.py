@@ -3,7 +3,9 @@
 A spilled session keeps its `Session` object (and its token ids); only its memory goes
 to a normal snapshot (see `persistence`) in the spill folder and is released. Any use of
 the object, or asking the store for its id, loads the memory back, so spilling loses
-nothing, and a caller that holds the object keeps a valid handle.
+nothing, and a caller that holds the object keeps a valid handle; a snapshot that is gone
+or corrupt is recomputed from those token ids. A spill that fails (disk full) leaves the
+session in memory and is logged, never raised in the append that asked for the budget.
 
 Locking: the store lock guards the id map only. Nothing waits on a session lock while
 holding the store lock: spilling only *tries* a session's lock and skips a session that
