@@ -35,6 +35,22 @@ class LayerShape:
         return self.heads // self.kv_heads
 
 
+# Every field a mutation may replace (see `LayerMemory.checkpoint`).
+_STATE_FIELDS = (
+    "init_k", "init_v", "_tail_k", "_tail_v", "_tail_score", "_lo", "_hi", "tail_start",
+    "block_uids", "block_k", "block_v", "block_scores", "_reprs", "_index_k",
+)
+
+
+@dataclass(frozen=True)
+class LayerCheckpoint:
+    """A layer's state before a forward (see `LayerMemory.checkpoint`)."""
+
+    fields: dict[str, object]
+    n_blocks: int
+    scores: tuple[int, torch.Tensor]
+
+
 class LayerMemory:
     """The context memory of one attention layer for one session."""
 
@@ -199,46 +215,79 @@ class LayerMemory:
         new_k[:, :used] = self.tail_k
         new_v[:, :used] = self.tail_v
         new_s[:, :used] = self.tail_score
-        self._tail_k, self._tail_v, self._tail_score = new_k, new_v, new_s
-        self._lo, self._hi = 0, used
+        self._commit({"_tail_k": new_k, "_tail_v": new_v, "_tail_score": new_s,
+                      "_lo": 0, "_hi": used})
 
     def seal(self, out_of_window_end: int, next_uid: Callable[[], int]) -> None:
         """Move tokens at positions `< out_of_window_end` out of the tail.
 
         They fill the sinks first, then full blocks; a partial block stays in the tail as
         the remainder until enough tokens have left the window.
+
+        All or nothing: every copy and allocation (the grown sinks, the host K/V, the
+        representatives, the grown summary buffers) is made before any field changes, so
+        an error or KeyboardInterrupt while sealing leaves the layer exactly as it was.
         """
-        while True:
-            available = out_of_window_end - self.tail_start
-            if available <= 0:
-                return
-            if self.init_k.shape[1] < self.n_init:
-                take = min(self.n_init - self.init_k.shape[1], available, self._hi - self._lo)
-                self.init_k = torch.cat([self.init_k, self.tail_k[:, :take]], dim=1)
-                self.init_v = torch.cat([self.init_v, self.tail_v[:, :take]], dim=1)
-                self._advance(take)
-                continue
-            if available < self.block_size:
-                return
-            self._seal_block(next_uid())
+        available = out_of_window_end - self.tail_start
+        if available <= 0:
+            return
+        held = self._hi - self._lo
+        sinks = self.init_k.shape[1]
+        take = min(self.n_init - sinks, available, held) if sinks < self.n_init else 0
+        n_new = (available - take) // self.block_size if sinks + take >= self.n_init else 0
+        if take == 0 and n_new == 0:
+            return
+        fields: dict[str, object] = {}
+        if take:
+            fields["init_k"] = torch.cat([self.init_k, self.tail_k[:, :take]], dim=1)
+            fields["init_v"] = torch.cat([self.init_v, self.tail_v[:, :take]], dim=1)
+        if n_new:
+            bs = self.block_size
+            blocks = []
+            for j in range(n_new):
+                a = take + j * bs
+                keys = self.tail_k[:, a : a + bs]
+                values = self.tail_v[:, a : a + bs]
+                scores = self.tail_score[:, a : a + bs]
+                blocks.append((
+                    next_uid(),
+                    self._to_host(keys),
+                    self._to_host(values),
+                    scores.to(self.host_device, copy=True),
+                    self._representative(keys, scores),
+                ))
+            fields.update(self._sealed_fields(blocks))
+        moved = take + n_new * self.block_size
+        fields["_lo"] = self._lo + moved
+        fields["tail_start"] = self.tail_start + moved
+        self._commit(fields)
 
-    def _advance(self, n: int) -> None:
-        self._lo += n
-        self.tail_start += n
+    def _commit(self, fields: dict[str, object]) -> None:
+        """Replace these fields in one step (a single C call: no KeyboardInterrupt can land
+        between two of them). Callers prepare every value first; this cannot fail."""
+        self.__dict__.update(fields)
 
-    def _seal_block(self, uid: int) -> None:
-        bs = self.block_size
-        keys = self.tail_k[:, :bs]
-        values = self.tail_v[:, :bs]
-        scores = self.tail_score[:, :bs]
-        self.add_sealed_block(
-            uid,
-            self._to_host(keys),
-            self._to_host(values),
-            scores.to(self.host_device, copy=True),
-            self._representative(keys, scores),
-        )
-        self._advance(bs)
+    def _sealed_fields(
+        self, blocks: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
+    ) -> dict[str, object]:
+        """The fields that register `blocks` (uid, host K, host V, scores, representative),
+        prepared without changing any: summary buffers are grown into new tensors, or
+        written only past the blocks held now (slots no view of this layer shows)."""
+        n = self.n_blocks
+        reprs = self._reprs
+        for i, (_, _, _, _, rep) in enumerate(blocks):
+            reprs = self._append_repr(reprs, n + i, rep)
+        fields: dict[str, object] = {"_reprs": reprs}
+        if self._index_k is not None:
+            index = self._index_k
+            for i, (_, keys, _, _, _) in enumerate(blocks):
+                index = self._append_index(index, (n + i) * self.block_size, keys)
+            fields["_index_k"] = index
+        fields["block_uids"] = self.block_uids + [b[0] for b in blocks]
+        fields["block_k"] = self.block_k + [b[1] for b in blocks]
+        fields["block_v"] = self.block_v + [b[2] for b in blocks]
+        fields["block_scores"] = self.block_scores + [b[3] for b in blocks]
+        return fields
 
     def add_sealed_block(
         self,
@@ -250,28 +299,23 @@ class LayerMemory:
     ) -> None:
         """Register a sealed block (host K/V, attention mass, representative) and index it.
 
-        Used when sealing and when a snapshot is loaded; the caller moves the tail.
+        Used when a snapshot is loaded; the caller moves the tail. All or nothing.
         """
-        self._append_repr(representative)
-        if self._index_k is not None:
-            self._append_index(keys)
-        self.block_uids.append(uid)
-        self.block_k.append(keys)
-        self.block_v.append(values)
-        self.block_scores.append(scores)
+        self._commit(self._sealed_fields([(uid, keys, values, scores, representative)]))
 
-    def _append_index(self, keys: torch.Tensor) -> None:
-        assert self._index_k is not None
-        used = self.n_blocks * self.block_size
+    def _append_index(self, index: torch.Tensor, used: int, keys: torch.Tensor) -> torch.Tensor:
+        """`index` with `keys` written at `[used, used + n)`: grown into a new tensor when
+        too small, else written in place past `used` (where no view reaches)."""
         need = used + keys.shape[1]
-        if need > self._index_k.shape[1]:
+        if need > index.shape[1]:
             grown = torch.empty(
-                self._index_k.shape[0], max(16 * self.block_size, 2 * need), self._index_k.shape[2],
+                index.shape[0], max(16 * self.block_size, 2 * need), index.shape[2],
                 dtype=self.dtype, device=self.repr_device,
             )
-            grown[:, :used] = self._index_k[:, :used]
-            self._index_k = grown
-        self._index_k[:, used:need] = keys.to(self.repr_device)
+            grown[:, :used] = index[:, :used]
+            index = grown
+        index[:, used:need] = keys.to(self.repr_device)
+        return index
 
     def _representative(self, keys: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         """Per query head, the mean key of the `repr_topk` tokens that drew the most mass."""
@@ -281,15 +325,16 @@ class LayerMemory:
         chosen = per_head_keys.gather(1, index).to(torch.float32)
         return chosen.mean(dim=1).to(self.dtype)  # [heads, d]
 
-    def _append_repr(self, rep: torch.Tensor) -> None:
-        n = self.n_blocks
-        if n == self._reprs.shape[0]:
+    def _append_repr(self, reprs: torch.Tensor, n: int, rep: torch.Tensor) -> torch.Tensor:
+        """`reprs` with `rep` in slot `n` (grown into a new tensor when full)."""
+        if n == reprs.shape[0]:
             grown = torch.empty(
-                max(16, 2 * n), *self._reprs.shape[1:], dtype=self.dtype, device=self.repr_device
+                max(16, 2 * n), *reprs.shape[1:], dtype=self.dtype, device=self.repr_device
             )
-            grown[:n] = self._reprs[:n]
-            self._reprs = grown
-        self._reprs[n] = rep.to(self.repr_device)
+            grown[:n] = reprs[:n]
+            reprs = grown
+        reprs[n] = rep.to(self.repr_device)
+        return reprs
 
     def _to_host(self, t: torch.Tensor) -> torch.Tensor:
         if self.pin_memory:
@@ -304,44 +349,101 @@ class LayerMemory:
         Blocks still fully out of the window at `p` stay sealed (K/V and representative
         untouched); later blocks and sinks past `out_of_window_end` go back to the tail,
         rebuilt from their stored K/V, so the stored K/V of positions `< p` are unchanged.
+        All or nothing (see `plan_truncate`).
+        """
+        self._commit(self.plan_truncate(p, out_of_window_end))
+
+    def plan_truncate(self, p: int, out_of_window_end: int) -> dict[str, object]:
+        """The fields `truncate(p, out_of_window_end)` sets, computed without changing any.
+
+        Everything that can fail (device copies of unsealed blocks, the new tail) happens
+        here; committing the result with `commit` is plain assignment. Only positions
+        `< p` are moved back to the device.
         """
         if p > self.length:
             raise ValueError(f"cannot truncate to {p}: the layer holds {self.length} tokens")
         if p == self.length:
-            return
-        keep_init = min(self.init_k.shape[1], out_of_window_end)
+            return {}
+        sinks = self.init_k.shape[1]
+        keep_init = min(sinks, out_of_window_end)
         keep_blocks = 0
         if keep_init == self.n_init:
             keep_blocks = min(self.n_blocks, max(0, (out_of_window_end - self.n_init))
                               // self.block_size)
         new_start = keep_init + keep_blocks * self.block_size
-        parts_k = [self.init_k[:, keep_init:]]
-        parts_v = [self.init_v[:, keep_init:]]
-        parts_s = [
-            torch.zeros(self.shape.heads, self.init_k.shape[1] - keep_init, device=self.device)
-        ]
-        for b in range(keep_blocks, self.n_blocks):
-            parts_k.append(self.block_k[b].to(self.device))
-            parts_v.append(self.block_v[b].to(self.device))
-            parts_s.append(self.block_scores[b].to(self.device))
-        parts_k.append(self.tail_k)
-        parts_v.append(self.tail_v)
-        parts_s.append(self.tail_score)
         keep = p - new_start
-        tail_k = torch.cat(parts_k, dim=1)[:, :keep]
-        tail_v = torch.cat(parts_v, dim=1)[:, :keep]
-        tail_s = torch.cat(parts_s, dim=1)[:, :keep]
-        self.init_k = self.init_k[:, :keep_init].clone()
-        self.init_v = self.init_v[:, :keep_init].clone()
-        del self.block_uids[keep_blocks:]
-        del self.block_k[keep_blocks:]
-        del self.block_v[keep_blocks:]
-        del self.block_scores[keep_blocks:]
-        self._tail_k = tail_k.contiguous()
-        self._tail_v = tail_v.contiguous()
-        self._tail_score = tail_s.contiguous()
-        self._lo, self._hi = 0, keep
-        self.tail_start = new_start
+        parts_k: list[torch.Tensor] = []
+        parts_v: list[torch.Tensor] = []
+        parts_s: list[torch.Tensor] = []
+
+        def take(first: int, k: torch.Tensor, v: torch.Tensor, s: torch.Tensor | None) -> None:
+            n = min(k.shape[1], p - first)
+            if n <= 0:
+                return
+            parts_k.append(k[:, :n].to(self.device))
+            parts_v.append(v[:, :n].to(self.device))
+            parts_s.append(
+                torch.zeros(self.shape.heads, n, device=self.device) if s is None
+                else s[:, :n].to(self.device)
+            )
+
+        take(keep_init, self.init_k[:, keep_init:], self.init_v[:, keep_init:], None)
+        for b in range(keep_blocks, self.n_blocks):
+            take(self.block_span(b)[0], self.block_k[b], self.block_v[b], self.block_scores[b])
+        take(self.tail_start, self.tail_k, self.tail_v, self.tail_score)
+        kvh, d = self.shape.kv_heads, self.shape.head_dim
+        if not parts_k:
+            parts_k.append(torch.empty(kvh, 0, d, dtype=self.dtype, device=self.device))
+            parts_v.append(torch.empty(kvh, 0, d, dtype=self.dtype, device=self.device))
+            parts_s.append(torch.empty(self.shape.heads, 0, device=self.device))
+        tail_k = torch.cat(parts_k, dim=1)
+        tail_v = torch.cat(parts_v, dim=1)
+        tail_s = torch.cat(parts_s, dim=1)
+        if tail_k.shape[1] != keep:
+            raise RuntimeError(f"truncate rebuilt {tail_k.shape[1]} tail tokens, expected {keep}")
+        return {
+            "init_k": self.init_k[:, :keep_init].clone(),
+            "init_v": self.init_v[:, :keep_init].clone(),
+            "block_uids": self.block_uids[:keep_blocks],
+            "block_k": self.block_k[:keep_blocks],
+            "block_v": self.block_v[:keep_blocks],
+            "block_scores": self.block_scores[:keep_blocks],
+            "_tail_k": tail_k,
+            "_tail_v": tail_v,
+            "_tail_score": tail_s,
+            "_lo": 0,
+            "_hi": keep,
+            "tail_start": new_start,
+        }
+
+    def commit(self, fields: dict[str, object]) -> None:
+        """Apply what `plan_truncate` prepared (cannot fail)."""
+        self._commit(fields)
+
+    # ----------------------------------------------------------- checkpoints
+    def checkpoint(self, start: int, n_local: int) -> LayerCheckpoint:
+        """What `rollback` needs to put this layer back as it is now, taken before a
+        forward from position `start` (= `length`). Costs a copy of the window's scores.
+
+        A forward only replaces fields (grown buffers, new sinks, new block lists), writes
+        past the held tokens, or adds attention mass to the last `n_local` tokens; so the
+        current field values plus those scores are the whole state.
+        """
+        return LayerCheckpoint(
+            fields={k: self.__dict__[k] for k in _STATE_FIELDS},
+            n_blocks=self.n_blocks,
+            scores=self.score_checkpoint(start, n_local),
+        )
+
+    def rollback(self, checkpoint: LayerCheckpoint) -> list[int]:
+        """Put the layer back as it was at `checkpoint` (assignments and one in-place copy
+        into memory that is already allocated). Returns the uids of the blocks sealed since."""
+        sealed = self.block_uids[checkpoint.n_blocks :]
+        # The block lists are never changed in place (sealing and truncating build new
+        # ones), so the lists held are exactly the blocks of then.
+        self._commit(checkpoint.fields)
+        self.restore_scores(checkpoint.scores)
+        return sealed
 
     def clone(self) -> LayerMemory:
         """A copy that shares the immutable sealed blocks and copies everything mutable."""

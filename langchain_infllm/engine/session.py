@@ -298,8 +298,9 @@ class Session:
         """An independent copy sharing the immutable sealed blocks with this session."""
         with self.lock:
             self.ensure_resident()
+            layers = [layer.clone() for layer in self.layers]  # may fail: nothing made yet
             twin = Session(self.engine, session_id)
-            twin.layers = [layer.clone() for layer in self.layers]
+            twin.layers = layers
             twin._tokens = list(self._tokens)
             twin.last_logits = None if self.last_logits is None else self.last_logits.clone()
             return twin
@@ -425,11 +426,16 @@ class Session:
     def _truncate_layers(self, length: int) -> list[list[int]]:
         """Truncate every layer; returns the uids of the blocks each layer dropped."""
         end = self._out_of_window_end(length)
+        # All or nothing: every layer's new state is prepared (what can fail: device
+        # copies, new tails) before any layer changes; committing is assignment.
+        plans = [layer.plan_truncate(min(length, layer.length), end) for layer in self._layers]
         dropped = []
-        for layer in self._layers:
-            before = list(layer.block_uids)
-            layer.truncate(min(length, layer.length), end)
-            dropped.append(before[layer.n_blocks :])
+        for layer, plan in zip(self._layers, plans, strict=True):
+            kept = plan.get("block_uids", layer.block_uids)
+            assert isinstance(kept, list)
+            dropped.append(layer.block_uids[len(kept) :])
+        for layer, plan in zip(self._layers, plans, strict=True):
+            layer.commit(plan)
         return dropped
 
     def _forward_with_retry(self, ids: list[int], records: list[RetrievalRecord]) -> None:
@@ -485,7 +491,9 @@ class Session:
             # What a failed forward would leave behind besides the new tokens: attention
             # mass on the window's keys (it picks representative keys later) and the
             # lru-s scores of the shared block caches.
-            checkpoints = [layer.score_checkpoint(start, n_local) for layer in self._layers]
+            # Each layer's state as it is now (see LayerMemory.checkpoint): a rollback to
+            # it is assignment only, so it cannot itself fail half-way.
+            checkpoints = [layer.checkpoint(start, n_local) for layer in self._layers]
             cache_scores = [cache.score_state() for cache in engine.caches]
             try:
                 out = engine.model(
@@ -495,18 +503,20 @@ class Session:
                     logits_to_keep=1,
                     infllm_context=ctx,
                 )
+                logits = out.logits[0, -1].to(torch.float32)
             except BaseException:
-                # Layers may have consumed part of the chunk: roll every one back to
-                # `start`, then put back the scores the failed queries changed.
-                dropped = self._truncate_layers(start)
-                for layer, checkpoint in zip(self._layers, checkpoints, strict=True):
-                    layer.restore_scores(checkpoint)
+                # Layers may have consumed part of the chunk (appended, sealed): put every
+                # one back exactly as it was, attention mass included.
+                dropped = [
+                    layer.rollback(checkpoint)
+                    for layer, checkpoint in zip(self._layers, checkpoints, strict=True)
+                ]
                 for cache, scores in zip(engine.caches, cache_scores, strict=True):
                     cache.restore_score_state(scores)
                 engine.forget_blocks(dropped, self, model_locked=True)
                 raise
         self._tokens.extend(ids)
-        self.last_logits = out.logits[0, -1].to(torch.float32)
+        self.last_logits = logits
         engine.tokens_computed += len(ids)
         records.extend(pending)
         if sink is not None:
