@@ -32,3 +32,10 @@ SMALL_AGENT_CONFIG = InfLLMConfig.create(
     exc_block_size=256,
     chunk_size=1024,
 )
+
+# Tiny windows where every block is retrieved (topk >= blocks): for session-state tests
+# on tiny random models, whose outputs must not depend on the selection.
+TINY_ALL_BLOCKS: dict[str, int] = dict(
+    n_local=16, block_size=4, n_init=2, topk=64, max_cached_block=64, repr_topk=2,
+    exc_block_size=5, chunk_size=11,
+)

@@ -33,12 +33,7 @@ N_LOCAL, BLOCK, N_INIT = 16, 4, 2
 METHODS = ["maxkey", "infllm"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 _ENGINES: dict[tuple[str, int], InfLLMEngine] = {}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,23 +23,15 @@ from langchain_infllm import InfLLMConfig, InfLLMEngine, Session
 from langchain_infllm.chat_models import ChatInfLLM
 from langchain_infllm.chat_prompt import PromptRenderer
 from langchain_infllm.engine.sampling import sample_token
-from tests.shared_configs import TINY_CHAT_CONFIG
+from tests.shared_configs import TINY_ALL_BLOCKS, TINY_CHAT_CONFIG
 from tests.tiny_models import tiny_chat_qwen2, tiny_pair
 
-SETTINGS: dict[str, Any] = dict(
-    n_local=16, block_size=4, n_init=2, topk=64, max_cached_block=64, repr_topk=2,
-    exc_block_size=5, chunk_size=11,
-)
+SETTINGS: dict[str, Any] = dict(TINY_ALL_BLOCKS)
 QWEN = Path.home() / ".cache/langchain-infllm/qwen2.5-coder-0.5b-instruct/hf-bf16"
 NAN, INF = math.nan, math.inf
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import io
 import json
 import os
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +23,13 @@ from langchain_core.messages import AIMessage, HumanMessage
 from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.chat import MESSAGES_FILE, SESSION_DIR, ChatCLI
 from langchain_infllm.chat_models import ChatInfLLM
+from tests.shared_configs import TINY_ALL_BLOCKS
 from tests.tiny_models import tiny_pair
 
-SETTINGS: dict[str, Any] = dict(
-    n_local=16, block_size=4, n_init=2, topk=64, max_cached_block=64, repr_topk=2,
-    exc_block_size=5, chunk_size=11,
-)
+SETTINGS: dict[str, Any] = dict(TINY_ALL_BLOCKS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -14,31 +14,22 @@ import random
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.engine import Session, SessionFileError, persistence
+from tests.shared_configs import TINY_ALL_BLOCKS
 from tests.tiny_models import tiny_pair
 
 ROOT = Path(__file__).resolve().parent.parent
 VOCAB = 97
-SETTINGS: dict[str, Any] = dict(
-    n_local=16, block_size=4, n_init=2, topk=64, max_cached_block=64, repr_topk=2,
-    exc_block_size=5, chunk_size=11,
-)
+SETTINGS: dict[str, Any] = dict(TINY_ALL_BLOCKS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,21 +26,14 @@ import torch
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.engine import Session, SessionFileError, persistence
+from tests.shared_configs import TINY_ALL_BLOCKS
 from tests.tiny_models import tiny_pair
 
 VOCAB = 97
-SETTINGS: dict[str, Any] = dict(
-    n_local=16, block_size=4, n_init=2, topk=64, max_cached_block=64, repr_topk=2,
-    exc_block_size=5, chunk_size=11,
-)
+SETTINGS: dict[str, Any] = dict(TINY_ALL_BLOCKS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
