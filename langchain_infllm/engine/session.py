@@ -162,8 +162,10 @@ class Session:
             counters_before = self._cache_counters()
             records: list[RetrievalRecord] = []
             chunk = self.engine.config.chunk_size
-            for a in range(0, len(ids), chunk):
-                self._forward_with_retry(ids[a : a + chunk], records)
+            if len(ids) <= chunk:
+                self._forward_with_retry(ids, records)  # one model call: atomic by itself
+            else:
+                self._forward_calls(ids, chunk, records)
             hits, misses, copied = (
                 now - then
                 for now, then in zip(self._cache_counters(), counters_before, strict=True)
@@ -461,6 +463,30 @@ class Session:
                 f"out of memory on {len(ids)} tokens even with execution chunks of {exc_size}; "
                 f"the session still holds its {len(self._tokens)} earlier tokens"
             ) from exc.last_attempt.exception()
+
+    def _forward_calls(self, ids: list[int], chunk: int, records: list[RetrievalRecord]) -> None:
+        """Several model calls as one mutation: if any fails, the calls that completed are
+        rolled back too, so the session holds exactly what it held before the append."""
+        engine = self.engine
+        start, logits = len(self._tokens), self.last_logits
+        with engine.model_lock:
+            checkpoints = [layer.checkpoint(start, engine.config.n_local) for layer in self._layers]
+            cache_scores = [cache.score_state() for cache in engine.caches]
+        try:
+            for a in range(0, len(ids), chunk):
+                self._forward_with_retry(ids[a : a + chunk], records)
+        except BaseException:
+            with engine.model_lock:
+                dropped = [
+                    layer.rollback(checkpoint)
+                    for layer, checkpoint in zip(self._layers, checkpoints, strict=True)
+                ]
+                for cache, scores in zip(engine.caches, cache_scores, strict=True):
+                    cache.restore_score_state(scores)
+                del self._tokens[start:]
+                self.last_logits = logits
+                engine.forget_blocks(dropped, self, model_locked=True)
+            raise
 
     def _forward(self, ids: list[int], exc_size: int, records: list[RetrievalRecord]) -> None:
         engine = self.engine
