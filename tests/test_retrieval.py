@@ -1,5 +1,6 @@
-"""Block scorers against brute-force references, and the per-head engine against the
-dense oracle restricted to what each KV head attended (DESIGN.md section 8)."""
+"""Block scorers against brute-force references, per-head state (key index, cache
+slices), and the fused path against the reference path. The engine against the dense
+oracle for every method: tests/test_engine_oracles.py."""
 
 from __future__ import annotations
 
@@ -86,39 +87,6 @@ def test_selection_is_topk_of_each_row(seed: int) -> None:
     for b, value in zip(sel.blocks, sel.scores, strict=True):
         assert value == pytest.approx(max(float(scores[r, b]) for r in range(rows)
                                           if b in sel.per_head[r]))
-
-
-@pytest.mark.parametrize("method", PER_HEAD)
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
-@pytest.mark.parametrize("topk", [1, 2])
-def test_per_head_retrieval_matches_oracle_restricted_to_each_heads_blocks(
-    method: str, arch: str, topk: int
-) -> None:
-    model, reference = tiny_pair(arch, seed=topk + 7)
-    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=4,
-                          repr_topk=2, exc_block_size=7, chunk_size=19, trace="full",
-                          retrieval=method)  # type: ignore[arg-type]
-    engine = InfLLMEngine(model, None, config)
-    rng = random.Random(200 + topk)
-    ids = [rng.randrange(97) for _ in range(151)]
-    pieces = _pieces(rng, len(ids))
-    session = engine.new_session()
-    outputs = []
-    pos = 0
-    for size in pieces:
-        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
-        pos += size
-    records = session.drain_retrievals()
-    per_head = [r for r in records if r.head_block_ids is not None]
-    assert per_head, "a per-head method must report each KV head's blocks"
-    # The heads do not always agree, so the check below is about per-head visibility.
-    assert any(len(set(r.head_block_ids or ())) > 1 for r in per_head)
-    expected = dense_oracle_logits(
-        reference, ids, n_local=24, n_init=3, block_size=6, records=records,
-        chunks=_exec_chunks(pieces, 19, 7),
-    )
-    for position, logits in outputs:
-        torch.testing.assert_close(logits, expected[position], atol=ATOL, rtol=0)
 
 
 def test_per_head_oracle_differs_from_shared_union() -> None:
