@@ -1,0 +1,366 @@
+"""The OpenAI-compatible server, driven by clients no one here wrote: the `openai` SDK,
+`langchain_openai.ChatOpenAI` and plain httpx.
+
+Part 1 runs the real app and uvicorn over a scripted backend (no model): HTTP shapes,
+SSE framing, auth, limits and error bodies. Part 2 runs the real chat core (a tiny
+random Qwen2 on the Qwen tokenizer): reuse reported as ``cached_tokens``, the
+``infllm`` extension, streaming, spill at shutdown. Part 3 runs the embedded
+Qwen2.5-Coder-0.5B: tools, structured output and a ``create_agent`` loop of 10+ steps
+in which each step reuses the whole previous history.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from langchain_infllm.serve import ServeSettings, create_app
+from langchain_infllm.serve.background import BackgroundServer
+from langchain_infllm.serve.errors import APIError
+from langchain_infllm.serve.schemas import ChatCompletionRequest, generation_kwargs
+from langchain_infllm.serve.sse import DONE, parse_sse, sse
+
+ROOT = Path(__file__).resolve().parent.parent
+HELLO: Any = [{"role": "user", "content": "hi"}]
+
+
+# ============================================================== part 1: scripted backend
+class ScriptedBackend:
+    """Answers every job with the same events; records the jobs it got."""
+
+    model_name = "scripted"
+
+    def __init__(self, events: list[dict[str, Any]] | None = None) -> None:
+        self.events = events if events is not None else text_reply("Hello there", 7, 3)
+        self.jobs: list[Mapping[str, Any]] = []
+        self.closed = False
+        self.gate: threading.Event | None = None  # when set, jobs wait on it
+        self.started = threading.Event()
+        self.fail: Exception | None = None
+
+    async def stream(self, job: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        self.jobs.append(job)
+        if self.fail is not None:
+            raise self.fail
+        self.started.set()
+        if self.gate is not None:
+            await asyncio.to_thread(self.gate.wait, 30)
+        for event in self.events:
+            yield dict(event)
+
+    async def aclose(self) -> None:
+        self.closed = True
+
+    def health(self) -> dict[str, Any]:
+        return {"status": "ok", "model": self.model_name}
+
+
+def text_reply(text: str, prompt: int, cached: int) -> list[dict[str, Any]]:
+    words = text.split(" ")
+    deltas = [{"type": "text", "text": w if i == 0 else " " + w} for i, w in enumerate(words)]
+    return [
+        *deltas,
+        {
+            "type": "usage",
+            "prompt_tokens": prompt,
+            "cached_tokens": cached,
+            "completion_tokens": len(words),
+        },
+        {"type": "retrieval", "summary": {"tokens_reused": cached, "retrievals": 2}},
+        {"type": "finish", "reason": "stop"},
+    ]
+
+
+TOOL_REPLY: list[dict[str, Any]] = [
+    {"type": "tool_call", "id": "call_1", "name": "add", "arguments": {"a": 2, "b": 3}},
+    {"type": "usage", "prompt_tokens": 20, "cached_tokens": 0, "completion_tokens": 9},
+    {"type": "retrieval", "summary": {}},
+    {"type": "finish", "reason": "tool_calls"},
+]
+
+
+@pytest.fixture
+def scripted() -> ScriptedBackend:
+    return ScriptedBackend()
+
+
+@pytest.fixture
+def server(scripted: ScriptedBackend) -> Iterator[BackgroundServer]:
+    settings = ServeSettings(max_request_bytes=20_000, max_tokens_cap=64, max_concurrent_sessions=1)
+    with BackgroundServer(create_app(scripted, settings)) as running:
+        yield running
+
+
+def client(server: BackgroundServer, **kwargs: Any) -> Any:
+    return openai.OpenAI(
+        base_url=server.base_url, api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs
+    )
+
+
+def test_sse_framing() -> None:
+    frame = sse({"a": "line\nbreak", "b": [1, 2]})
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n") and frame.count(b"\n") == 2
+    assert parse_sse(frame + DONE) == [{"a": "line\nbreak", "b": [1, 2]}, "[DONE]"]
+
+
+def test_request_mapping_to_generation_params() -> None:
+    request = ChatCompletionRequest.model_validate(
+        {
+            "messages": HELLO,
+            "max_completion_tokens": 9,
+            "temperature": 0.5,
+            "stop": "END",
+            "seed": 3,
+            "tool_choice": {"type": "function", "function": {"name": "add"}},
+            "response_format": {"type": "text"},
+        }
+    )
+    kwargs = generation_kwargs(request, max_tokens_cap=64)
+    assert kwargs == {
+        "max_tokens": 9,
+        "temperature": 0.5,
+        "stop": ("END",),
+        "seed": 3,
+        "tool_choice": "add",
+        "response_format": None,
+    }
+    # No max_tokens: the server's cap; penalties/logprobs it cannot honour: 400 with param.
+    assert generation_kwargs(ChatCompletionRequest(messages=HELLO), 64)["max_tokens"] == 64
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"n": 2}, "n"),
+        ({"presence_penalty": 1.0}, "presence_penalty"),
+        ({"logprobs": True}, "logprobs"),
+        ({"max_tokens": 65}, "max_tokens"),
+        ({"tool_choice": "sometimes"}, "tool_choice"),
+        ({"response_format": {"type": "yaml"}}, "response_format"),
+    ]
+    for bad, param in cases:
+        with pytest.raises(APIError) as info:
+            generation_kwargs(ChatCompletionRequest.model_validate({"messages": HELLO, **bad}), 64)
+        assert info.value.status == 400 and info.value.param == param
+
+
+def test_invoke_with_the_openai_sdk(server: BackgroundServer, scripted: ScriptedBackend) -> None:
+    reply = client(server).chat.completions.create(
+        model="scripted", messages=HELLO, max_tokens=8, extra_headers={"X-Session-Id": "s1"}
+    )
+    assert reply.choices[0].message.content == "Hello there"
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.prompt_tokens == 7
+    assert reply.usage.prompt_tokens_details is not None
+    assert reply.usage.prompt_tokens_details.cached_tokens == 3
+    assert (reply.model_extra or {})["infllm"] == {"tokens_reused": 3, "retrievals": 2}
+    job = scripted.jobs[-1]
+    assert job["session_id"] == "s1" and job["params"]["max_tokens"] == 8
+    # The `user` field names the session when no header does.
+    client(server).chat.completions.create(model="scripted", messages=HELLO, user="u7")
+    assert scripted.jobs[-1]["session_id"] == "u7"
+    client(server).chat.completions.create(model="scripted", messages=HELLO)
+    assert scripted.jobs[-1]["session_id"] is None  # best prefix match in the core
+
+
+def test_stream_with_usage(server: BackgroundServer) -> None:
+    chunks = list(
+        client(server).chat.completions.create(
+            model="scripted", messages=HELLO, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "Hello there"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finish[-1] == "stop" and set(finish[:-1]) == {None}
+    last = chunks[-1]
+    assert last.choices == [] and last.usage is not None and last.usage.total_tokens == 9
+    assert (last.model_extra or {})["infllm"]["retrievals"] == 2
+    # Raw framing: every event is `data: {...}` and the stream ends with [DONE].
+    raw = httpx.post(
+        f"{server.base_url}/chat/completions", json={"messages": HELLO, "stream": True}
+    ).content
+    events = parse_sse(raw)
+    assert events[-1] == "[DONE]" and all(isinstance(e, dict) for e in events[:-1])
+    assert "infllm" in events[-2]  # without include_usage it rides on the finish chunk
+
+
+def test_tool_calls(server: BackgroundServer, scripted: ScriptedBackend) -> None:
+    scripted.events = TOOL_REPLY
+    tools = [
+        {
+            "type": "function",
+            "function": {"name": "add", "parameters": {"type": "object", "properties": {}}},
+        }
+    ]
+    reply = client(server).chat.completions.create(
+        model="scripted",
+        messages=HELLO,
+        tools=tools,
+        tool_choice="required",
+    )
+    message = reply.choices[0].message
+    assert reply.choices[0].finish_reason == "tool_calls" and message.content is None
+    assert message.tool_calls is not None
+    call = message.tool_calls[0]
+    assert call.function.name == "add"
+    assert json.loads(call.function.arguments) == {"a": 2, "b": 3}
+    assert scripted.jobs[-1]["params"]["tool_choice"] == "required"
+    assert scripted.jobs[-1]["tools"] == tools
+    chunks = list(
+        client(server).chat.completions.create(
+            model="scripted",
+            messages=HELLO,
+            tools=tools,
+            stream=True,
+        )
+    )
+    deltas = [c.choices[0].delta.tool_calls for c in chunks if c.choices]
+    (streamed,) = [d for d in deltas if d]
+    assert streamed[0].index == 0 and streamed[0].function.name == "add"
+
+
+def test_chat_openai_invoke_stream_and_tools(
+    server: BackgroundServer, scripted: ScriptedBackend
+) -> None:
+    from langchain_core.tools import tool
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        model="scripted",
+        base_url=server.base_url,
+        api_key="unused",
+        max_retries=0,
+        default_headers={"X-Session-Id": "lc"},
+    )
+    reply = llm.invoke("hi")
+    assert reply.content == "Hello there"
+    assert reply.usage_metadata is not None
+    assert reply.usage_metadata["input_token_details"]["cache_read"] == 3
+    assert scripted.jobs[-1]["session_id"] == "lc"
+    streamed = list(llm.stream("hi"))
+    assert "".join(str(c.content) for c in streamed) == "Hello there"
+
+    @tool
+    def add(a: int, b: int) -> int:
+        """Add two integers."""
+        return a + b
+
+    scripted.events = TOOL_REPLY
+    called = llm.bind_tools([add]).invoke("2+3?")
+    assert called.tool_calls == [
+        {"name": "add", "args": {"a": 2, "b": 3}, "id": "call_1", "type": "tool_call"}
+    ]
+    sent = scripted.jobs[-1]["tools"][0]["function"]
+    assert sent["name"] == "add" and set(sent["parameters"]["properties"]) == {"a", "b"}
+
+
+def test_auth() -> None:
+    backend = ScriptedBackend()
+    with BackgroundServer(create_app(backend, ServeSettings(api_key="s3cret"))) as running:
+        with pytest.raises(openai.AuthenticationError) as info:
+            client(running, api_key="wrong").chat.completions.create(
+                model="scripted", messages=HELLO
+            )
+        assert info.value.status_code == 401
+        body = httpx.get(f"{running.base_url}/models").json()
+        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert body["error"]["code"] == "invalid_api_key"
+        ok = client(running, api_key="s3cret").models.list()
+        assert [m.id for m in ok.data] == ["scripted"]
+        assert httpx.get(f"{running.url}/health").json()["status"] == "ok"  # no auth
+    assert backend.jobs == []
+
+
+def error_of(response: httpx.Response) -> dict[str, Any]:
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
+    return dict(body["error"])
+
+
+def test_limits_and_error_shapes(server: BackgroundServer, scripted: ScriptedBackend) -> None:
+    url = f"{server.base_url}/chat/completions"
+    # max_tokens above the cap: 400 naming the parameter (the SDK raises BadRequestError).
+    with pytest.raises(openai.BadRequestError) as info:
+        client(server).chat.completions.create(model="scripted", messages=HELLO, max_tokens=65)
+    assert info.value.param == "max_tokens"
+    # A body over the size limit: 413 before anything is parsed.
+    big = {"messages": [{"role": "user", "content": "x" * 30_000}]}
+    response = httpx.post(url, json=big)
+    assert response.status_code == 413 and error_of(response)["code"] == "request_too_large"
+    # Malformed bodies and schema violations: 400 with the parameter.
+    response = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "JSON" in error_of(response)["message"]
+    response = httpx.post(url, json={"messages": []})
+    assert response.status_code == 400 and error_of(response)["param"] == "messages"
+    response = httpx.post(url, json={"messages": [{"role": "robot", "content": "x"}]})
+    assert response.status_code == 400 and error_of(response)["param"] == "messages"
+    response = httpx.post(url, json={"messages": HELLO, "temperature": -1})
+    assert response.status_code == 400 and error_of(response)["param"] == "temperature"
+    response = httpx.post(url, json={"messages": HELLO}, headers={"X-Session-Id": "a\tb"})
+    assert response.status_code == 400 and error_of(response)["param"] == "X-Session-Id"
+    # Unknown model / route: 404 in the same shape.
+    with pytest.raises(openai.NotFoundError):
+        client(server).chat.completions.create(model="gpt-4o", messages=HELLO)
+    assert error_of(httpx.get(f"{server.url}/nope"))["code"] == "not_found"
+    # The core refusing its input (a ValueError before any mutation): 400, stream or not.
+    scripted.fail = ValueError("tool result answers no tool call")
+    for stream in (False, True):
+        response = httpx.post(url, json={"messages": HELLO, "stream": stream})
+        assert response.status_code == 400
+        assert error_of(response)["message"] == "tool result answers no tool call"
+    scripted.fail = RuntimeError("engine exploded")
+    response = httpx.post(url, json={"messages": HELLO})
+    assert response.status_code == 500 and error_of(response)["type"] == "server_error"
+    assert "exploded" not in response.text  # internals stay in the server log
+
+
+def test_concurrent_session_limit(server: BackgroundServer, scripted: ScriptedBackend) -> None:
+    scripted.gate = threading.Event()
+    url = f"{server.base_url}/chat/completions"
+    first: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: first.update(
+            r=httpx.post(url, json={"messages": HELLO}, headers={"X-Session-Id": "a"}, timeout=30)
+        )
+    )
+    worker.start()
+    assert scripted.started.wait(10)
+    with pytest.raises(openai.RateLimitError) as info:
+        client(server).chat.completions.create(
+            model="scripted", messages=HELLO, extra_headers={"X-Session-Id": "b"}
+        )
+    assert info.value.code == "rate_limit_exceeded"
+    scripted.gate.set()
+    worker.join(30)
+    assert first["r"].status_code == 200
+    # The slot came back.
+    client(server).chat.completions.create(model="scripted", messages=HELLO)
+
+
+def test_shutdown_closes_the_backend() -> None:
+    backend = ScriptedBackend()
+    with BackgroundServer(create_app(backend)):
+        assert not backend.closed
+    assert backend.closed
+
+
+def test_imports_stay_optional() -> None:
+    """The engine and the package import without FastAPI/Ray; the server without Ray."""
+    code = (
+        "import sys\n"
+        "for name in ('fastapi', 'uvicorn', 'ray', 'starlette'):\n"
+        "    sys.modules[name] = None\n"
+        "import langchain_infllm, langchain_infllm.engine, langchain_infllm.chat_core\n"
+        "sys.modules.pop('fastapi'); sys.modules.pop('starlette'); sys.modules.pop('uvicorn')\n"
+        "import langchain_infllm.serve, langchain_infllm.serve.__main__\n"
+        "assert 'ray' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
