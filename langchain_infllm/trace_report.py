@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from langchain_infllm.tracing import jsonable, map_blocks_to_messages, step_blocks
+from langchain_infllm.trace_data import jsonable, map_blocks_to_messages, step_blocks
 
 __all__ = ["heat_matrix", "hottest_blocks", "render_heatmap_png", "save_report"]
 

@@ -24,10 +24,12 @@ from langchain_infllm.engine.block_cache import DeviceBlockCache
 from langchain_infllm.engine.budget import check_device_fit, estimate_device_budget
 from langchain_infllm.engine.host_memory import limit_heap_fragmentation
 from langchain_infllm.engine.memory import LayerMemory
+from langchain_infllm.engine.persistence import load_session
 from langchain_infllm.engine.retrieval import selects_per_head
 from langchain_infllm.engine.rope import RotaryTable
 from langchain_infllm.engine.session import Session
 from langchain_infllm.engine.store import SessionStore
+from langchain_infllm.models.embedded import load_model_and_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -134,8 +136,6 @@ class InfLLMEngine:
         trust_remote_code: bool = False,
     ) -> InfLLMEngine:
         """Load a model by hub id, local path, or embedded name (see `models.embedded`)."""
-        from langchain_infllm.models.embedded import load_model_and_tokenizer
-
         if isinstance(config, str | Path):
             config = InfLLMConfig.from_yaml(config)
         model, tokenizer = load_model_and_tokenizer(
@@ -157,9 +157,7 @@ class InfLLMEngine:
 
     def load_session(self, path: str | Path, session_id: str | None = None) -> Session:
         """Load a session saved with `Session.save`; verifies model and config identity."""
-        from langchain_infllm.engine.persistence import load_session
-
-        session = load_session(self, Path(path), session_id)
+        session = load_session(self, Path(path), session_id, Session)
         if session_id is not None:
             self.sessions.put(session)
         return session

@@ -38,6 +38,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from langchain_infllm.engine.ids import check_session_id
+
 if TYPE_CHECKING:
     from langchain_infllm.engine.engine import InfLLMEngine
     from langchain_infllm.engine.session import Session
@@ -426,11 +428,17 @@ def content_sha256(manifest: dict[str, Any]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Session:
+def load_session(
+    engine: InfLLMEngine,
+    path: Path,
+    session_id: str | None,
+    make_session: Callable[[InfLLMEngine, str | None], Session],
+) -> Session:
     """Rebuild a session from `path`; raises `SessionFileError` and leaves `engine` as it was
-    (a `session_id` that is not a non-empty string is a TypeError/ValueError, first)."""
-    from langchain_infllm.engine.store import check_session_id
+    (a `session_id` that is not a non-empty string is a TypeError/ValueError, first).
 
+    `make_session` builds the empty session to fill (the `Session` class, passed in so
+    that this module depends on no session code: session -> persistence, one way)."""
     if session_id is not None:
         check_session_id(session_id)
     path = committed_path(path)
@@ -486,7 +494,7 @@ def load_session(engine: InfLLMEngine, path: Path, session_id: str | None) -> Se
         raise SessionFileError(f"{path}: cannot read {TENSORS}: {exc}") from None
     try:
         _check_values(engine, tensors)
-        return _rebuild(engine, manifest, tensors, session_id)
+        return _rebuild(engine, manifest, tensors, session_id, make_session)
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError, AttributeError) as exc:
         raise SessionFileError(f"{path}: inconsistent snapshot: {exc}") from None
 
@@ -554,10 +562,9 @@ def _rebuild(
     manifest: dict[str, Any],
     tensors: dict[str, torch.Tensor],
     session_id: str | None,
+    make_session: Callable[[InfLLMEngine, str | None], Session],
 ) -> Session:
     """Build the session, checking every tensor and the layout against the engine."""
-    from langchain_infllm.engine.session import Session
-
     raw_ids = manifest["token_ids"]
     if not isinstance(raw_ids, list):
         raise TypeError("token_ids must be a list")
@@ -582,7 +589,7 @@ def _rebuild(
     kvh, heads, d = engine.shape.kv_heads, engine.shape.heads, engine.shape.head_dim
     bs, dtype, f32 = cfg.block_size, engine.dtype, torch.float32
     expected_names = {"last_logits"} if "last_logits" in tensors else set()
-    session = Session(engine, session_id or saved_id)
+    session = make_session(engine, session_id or saved_id)
     dev = engine.device
     for i, (layer, meta) in enumerate(zip(session.layers, layers_meta, strict=True)):
         if not isinstance(meta, dict):

@@ -24,6 +24,7 @@ from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_a
 
 from langchain_infllm.engine.attention import InfLLMForwardContext
 from langchain_infllm.engine.memory import LayerMemory
+from langchain_infllm.engine.persistence import SessionFileError, load_session, save_session
 from langchain_infllm.engine.records import RetrievalRecord, StepResult
 from langchain_infllm.engine.sampling import (
     check_seed,
@@ -309,8 +310,6 @@ class Session:
 
     def save(self, path: str | Path) -> Path:
         """Write a snapshot (safetensors + JSON manifest) atomically; returns the folder."""
-        from langchain_infllm.engine.persistence import save_session
-
         with self.lock:
             self.ensure_resident()
             return save_session(self, Path(path))
@@ -343,14 +342,12 @@ class Session:
         """
         if self._spill_path is None:
             return
-        from langchain_infllm.engine.persistence import SessionFileError, load_session
-
         with self.lock:
             path = self._spill_path
             if path is None:
                 return
             try:
-                loaded = load_session(self.engine, path, self.session_id)
+                loaded = load_session(self.engine, path, self.session_id, Session)
                 if loaded.token_ids != self._tokens:
                     raise SessionFileError(
                         f"{path}: spill snapshot of session {self.session_id!r} holds "
@@ -509,6 +506,8 @@ class Session:
             record=record if engine.config.trace != "off" or sink is not None else None,
             observe=self.observer,
             fused=engine.config.fused_attention,
+            query_group=engine.config.query_group,
+            neighbours=engine.config.neighbours,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
         position_ids = torch.zeros_like(input_ids)

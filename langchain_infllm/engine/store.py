@@ -24,24 +24,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from langchain_infllm.engine.ids import check_session_id
+from langchain_infllm.engine.session import Session
+
 if TYPE_CHECKING:
     from langchain_infllm.engine.engine import InfLLMEngine
-    from langchain_infllm.engine.session import Session
+
+__all__ = ["SessionStore", "check_session_id"]
 
 logger = logging.getLogger(__name__)
 
 SPILL_RETRY_SECONDS = 5.0
-
-
-def check_session_id(session_id: object) -> str:
-    """A session id is a non-empty string; anything else is refused before the store is
-    touched (an int or "" key would break every later spill and lookup)."""
-    if not isinstance(session_id, str):
-        raise TypeError(f"session_id must be a non-empty string, got {type(session_id).__name__}"
-                        f" {session_id!r}")
-    if not session_id:
-        raise ValueError("session_id must be a non-empty string, got ''")
-    return session_id
 
 
 class SessionStore:
@@ -84,8 +77,6 @@ class SessionStore:
         If the reload fails (`SessionFileError`), the session stays in the store, spilled,
         and a later call tries again.
         """
-        from langchain_infllm.engine.session import Session
-
         check_session_id(session_id)
         with self._lock:
             session = self._sessions.get(session_id)
