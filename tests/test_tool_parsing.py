@@ -16,13 +16,13 @@ from hypothesis import strategies as st
 from langchain_core.messages import AIMessageChunk
 from langchain_core.messages.tool import tool_call_chunk
 
+from langchain_infllm.chat_core.tool_parsing import _scan_all
 from langchain_infllm.tool_parsing import (
     ParsedResponse,
     StreamEvent,
     TextEvent,
     ToolCallEvent,
     ToolCallStreamParser,
-    _scan_all,
     generate_tool_call_id,
     parse_tool_calls,
     tool_call_prefill,
