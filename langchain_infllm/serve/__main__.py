@@ -11,7 +11,7 @@ import argparse
 import logging
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from langchain_infllm.chat_core import ChatCore
@@ -57,12 +57,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def build_core(model: str, config: str | None, *, max_sessions: int | None = None) -> ChatCore:
-    """A chat core on a freshly loaded engine (the weights are fetched on first use)."""
+def build_core(
+    model: str, config: str | dict[str, Any] | None, *, max_sessions: int | None = None
+) -> ChatCore:
+    """A chat core on a freshly loaded engine (the weights are fetched on first use);
+    `config` is a YAML path or a mapping of `InfLLMConfig` fields."""
     from langchain_infllm.chat_core import ChatCore
+    from langchain_infllm.config import InfLLMConfig
     from langchain_infllm.engine import InfLLMEngine
 
-    engine = InfLLMEngine.from_pretrained(model, config)
+    engine = InfLLMEngine.from_pretrained(
+        model, InfLLMConfig.create(**config) if isinstance(config, dict) else config
+    )
     return ChatCore(engine, max_sessions=max_sessions)
 
 
