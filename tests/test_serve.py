@@ -12,6 +12,7 @@ in which each step reuses the whole previous history.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import subprocess
 import sys
@@ -364,3 +365,216 @@ def test_imports_stay_optional() -> None:
         "assert 'ray' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+# ====================================================== part 2: the real core, tiny model
+@pytest.fixture(scope="module")
+def tiny_core(one_torch_thread: None) -> Any:
+    from transformers import AutoTokenizer
+
+    from langchain_infllm.chat_core import ChatCore
+    from langchain_infllm.engine import InfLLMEngine
+    from langchain_infllm.models.embedded import ensure_embedded_model
+    from tests.shared_configs import TINY_CHAT_CONFIG
+    from tests.tiny_models import tiny_chat_qwen2
+
+    tokenizer = AutoTokenizer.from_pretrained(ensure_embedded_model("qwen2.5-coder-0.5b-instruct"))
+    engine = InfLLMEngine(
+        tiny_chat_qwen2(len(tokenizer)), tokenizer, TINY_CHAT_CONFIG, model_name="tiny-qwen2"
+    )
+    return ChatCore(engine)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_core: Any) -> Iterator[BackgroundServer]:
+    from langchain_infllm.serve import LocalBackend
+
+    app = create_app(LocalBackend(tiny_core), ServeSettings(max_tokens_cap=16))
+    with BackgroundServer(app) as running:
+        yield running
+
+
+LONG_USER = " ".join(f"Line {i}: the valve {i} reads {i * 7 % 13} bar." for i in range(12))
+
+
+@pytest.mark.real_model
+def test_real_core_reuse_stream_and_extension(
+    tiny_server: BackgroundServer, tiny_core: Any
+) -> None:
+    sdk = client(tiny_server)
+    history: list[dict[str, Any]] = [{"role": "user", "content": LONG_USER}]
+    first = sdk.chat.completions.create(
+        model="tiny-qwen2",
+        messages=history,
+        max_tokens=6,
+        extra_headers={"X-Session-Id": "t1"},
+        extra_body={"infllm": {"next_token_logprobs": 3}},
+    )
+    assert first.usage.prompt_tokens > 100 and first.usage.completion_tokens <= 6
+    info = first.model_extra["infllm"]
+    top = info["next_token_logprobs"]
+    assert len(top) == 3 and top[0]["logprob"] >= top[1]["logprob"] >= top[2]["logprob"]
+    assert "t1" in tiny_core.session_ids()
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "And the valve 3?"},
+    ]
+    chunks = list(
+        sdk.chat.completions.create(
+            model="tiny-qwen2",
+            messages=history,
+            max_tokens=6,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_headers={"X-Session-Id": "t1"},
+        )
+    )
+    usage = chunks[-1].usage
+    # The second turn reused at least the whole first prompt.
+    assert usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert usage.prompt_tokens > usage.prompt_tokens_details.cached_tokens
+    assert chunks[-1].model_extra["infllm"]  # the retrieval summary rides on the last chunk
+    assert sum(bool(c.choices and c.choices[0].delta.content) for c in chunks) >= 1
+
+
+@pytest.mark.real_model
+def test_real_core_prefix_match_without_a_session_id(tiny_server: BackgroundServer) -> None:
+    sdk = client(tiny_server)
+    history: list[dict[str, Any]] = [{"role": "user", "content": "Prefix: " + LONG_USER}]
+    first = sdk.chat.completions.create(model="tiny-qwen2", messages=history, max_tokens=4)
+    history += [
+        {"role": "assistant", "content": first.choices[0].message.content},
+        {"role": "user", "content": "More?"},
+    ]
+    second = sdk.chat.completions.create(model="tiny-qwen2", messages=history, max_tokens=4)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+
+
+@pytest.mark.real_model
+def test_real_core_refuses_bad_input_with_400(tiny_server: BackgroundServer) -> None:
+    bad = [{"role": "tool", "content": "42", "tool_call_id": "nobody"}]
+    with pytest.raises(openai.BadRequestError):
+        client(tiny_server).chat.completions.create(model="tiny-qwen2", messages=bad)
+
+
+@pytest.mark.real_model
+def test_real_core_shutdown_spills_sessions(tiny_core: Any) -> None:
+    from langchain_infllm.serve import LocalBackend
+
+    with BackgroundServer(create_app(LocalBackend(tiny_core))) as running:
+        client(running).chat.completions.create(
+            model="tiny-qwen2", messages=HELLO, max_tokens=2, extra_headers={"X-Session-Id": "sp"}
+        )
+        store = tiny_core.engine.sessions
+        assert "sp" in store.live_ids()
+    assert "sp" in store.spilled_ids() and "sp" not in store.live_ids()
+
+
+# =========================================== part 3: the embedded Qwen2.5-Coder-0.5B
+QWEN = "qwen2.5-coder-0.5b-instruct"
+WORD = "SERVED"
+AGENT_SYSTEM = (
+    "You spell a secret word by calling tools, one call per reply, never answering early.\n"
+    "Repeat: call read_letter with the next position (1, 2, 3, ...), then call save_letter "
+    "with the letter it gives you. Each tool result tells you the next call to make. When a "
+    "result says the word is complete, reply with the word and no tool call."
+)
+
+
+@pytest.fixture(scope="module")
+def qwen_server(one_torch_thread: None) -> Iterator[BackgroundServer]:
+    from langchain_infllm.chat_core import ChatCore
+    from langchain_infllm.engine import InfLLMEngine
+    from langchain_infllm.serve import LocalBackend
+    from tests.shared_configs import SMALL_AGENT_CONFIG
+
+    core = ChatCore(InfLLMEngine.from_pretrained(QWEN, SMALL_AGENT_CONFIG))
+    with BackgroundServer(create_app(LocalBackend(core), ServeSettings(max_tokens_cap=64))) as s:
+        yield s
+
+
+def qwen_chat(server: BackgroundServer, session: str, **kwargs: Any) -> Any:
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(
+        model=QWEN,
+        base_url=server.base_url,
+        api_key="unused",
+        temperature=0,
+        max_retries=0,
+        default_headers={"X-Session-Id": session},
+        timeout=300,
+        **kwargs,
+    )
+
+
+@pytest.mark.real_model
+def test_qwen_tools_and_structured_output(qwen_server: BackgroundServer) -> None:
+    from langchain_core.tools import tool
+    from pydantic import BaseModel
+
+    @tool
+    def get_weather(city: str) -> str:
+        """Current weather of a city."""
+        return "sunny"
+
+    llm = qwen_chat(qwen_server, "tools", max_tokens=40)
+    called = llm.bind_tools([get_weather]).invoke("What is the weather in Paris?")
+    assert [(c["name"], c["args"]) for c in called.tool_calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+
+    class Person(BaseModel):
+        name: str
+        age: int
+        city: str
+
+    extract = qwen_chat(qwen_server, "structured", max_tokens=48).with_structured_output(
+        Person, method="json_schema"
+    )
+    person = extract.invoke("Maria Garcia is 31 and lives in Madrid. Extract the person.")
+    assert isinstance(person, Person) and person.age == 31 and person.city == "Madrid"
+
+
+@pytest.mark.real_model
+def test_create_agent_over_http_reuses_each_previous_step(qwen_server: BackgroundServer) -> None:
+    from langchain.agents import create_agent
+    from langchain_core.messages import AIMessage, HumanMessage, ToolMessage
+    from langchain_core.tools import tool
+
+    saved: list[str] = []
+
+    @tool
+    def read_letter(position: int) -> str:
+        """Read the letter of the secret word at a 1-based position."""
+        if not 1 <= position <= len(WORD):
+            return f"There is no letter at position {position}. Call read_letter with position 1."
+        letter = WORD[position - 1]
+        return f"Letter {position} is {letter}. Next call: save_letter with letter={letter!r}."
+
+    @tool
+    def save_letter(letter: str) -> str:
+        """Save one letter of the secret word."""
+        saved.append(letter)
+        if len(saved) >= len(WORD):
+            return f"Saved {letter}. The word is complete: {''.join(saved)}. Reply with it."
+        return f"Saved {letter}. Next call: read_letter with position={len(saved) + 1}."
+
+    agent = create_agent(
+        qwen_chat(qwen_server, "agent", max_tokens=48),
+        tools=[read_letter, save_letter],
+        system_prompt=AGENT_SYSTEM,
+    )
+    state = agent.invoke(
+        {"messages": [HumanMessage("Spell the secret word. Start with read_letter position 1.")]},
+        {"recursion_limit": 60},
+    )
+    steps = [m for m in state["messages"] if isinstance(m, AIMessage)]
+    assert len(steps) >= 10, [m.content for m in steps]
+    assert sum(isinstance(m, ToolMessage) for m in state["messages"]) >= 9
+    assert {c["name"] for s in steps for c in s.tool_calls} == {"read_letter", "save_letter"}
+    usage = [s.usage_metadata for s in steps]
+    for before, now in itertools.pairwise(usage):
+        assert before is not None and now is not None
+        # Every step reused the whole previous prompt (the agent re-sends its history).
+        assert now["input_token_details"]["cache_read"] >= before["input_tokens"], usage
