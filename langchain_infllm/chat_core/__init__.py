@@ -4,7 +4,7 @@ Front ends (``ChatInfLLM``, the HTTP server) convert their own message types to 
 dicts, call :meth:`ChatCore.run` / :meth:`ChatCore.arun`, and map the events back.
 """
 
-from langchain_infllm.chat_core.core import ChatCore
+from langchain_infllm.chat_core.core import ChatCore, TooManySessionsError
 from langchain_infllm.chat_core.events import (
     ChatEvent,
     FinishEvent,
@@ -14,16 +14,20 @@ from langchain_infllm.chat_core.events import (
     ToolCallEvent,
     UsageEvent,
 )
+from langchain_infllm.chat_core.messages import ChatInputError, PromptError
 from langchain_infllm.chat_core.params import GenerationParams
 
 __all__ = [
     "ChatCore",
     "ChatEvent",
+    "ChatInputError",
     "FinishEvent",
     "GenerationParams",
     "InvalidToolCallEvent",
+    "PromptError",
     "RetrievalEvent",
     "TextDelta",
+    "TooManySessionsError",
     "ToolCallEvent",
     "UsageEvent",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 __all__ = [
@@ -56,6 +56,12 @@ class RetrievalEvent:
     """What the context memory did during the turn (reuse, blocks, retrievals, cache)."""
 
     summary: dict[str, Any]
+    records: tuple[Any, ...] = field(default=(), repr=False, compare=False)
+    """The engine's ``RetrievalRecord``s of the turn (for trace events)."""
+    token_ids: tuple[int, ...] = field(default=(), repr=False, compare=False)
+    """The session's tokens after the turn, only when the engine traces (block texts)."""
+    message_spans: tuple[dict[str, Any], ...] = field(default=(), repr=False, compare=False)
+    """Where each input message sits in the prompt, with previews (when tracing)."""
 
 
 @dataclass(frozen=True)
