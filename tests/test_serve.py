@@ -472,7 +472,7 @@ def test_real_core_shutdown_spills_sessions(tiny_core: Any) -> None:
 
 # =========================================== part 3: the embedded Qwen2.5-Coder-0.5B
 QWEN = "qwen2.5-coder-0.5b-instruct"
-WORD = "SERVED"
+WORD = "SERVE"
 AGENT_SYSTEM = (
     "You spell a secret word by calling tools, one call per reply, never answering early.\n"
     "Repeat: call read_letter with the next position (1, 2, 3, ...), then call save_letter "

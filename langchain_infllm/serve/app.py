@@ -22,7 +22,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
 from langchain_infllm.serve.backend import ChatBackend
-from langchain_infllm.serve.errors import APIError, bad_request, error_body, not_found
+from langchain_infllm.serve.errors import APIError, bad_request, error_body, not_found, too_many
 from langchain_infllm.serve.limits import (
     SESSION_HEADER,
     BodyLimit,
@@ -181,6 +181,8 @@ def backend_error(exc: BaseException) -> APIError:
     ValueErrors (bad messages, tools, parameters) are the client's fault."""
     if isinstance(exc, APIError):
         return exc
+    if type(exc).__name__ == "TooManySessionsError":  # the core's session slots are full
+        return too_many(str(exc))
     if isinstance(exc, ValueError | TypeError):
         return bad_request(str(exc) or type(exc).__name__)
     logger.error("chat job failed", exc_info=exc)

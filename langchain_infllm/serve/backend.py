@@ -54,6 +54,8 @@ def event_dict(event: Any) -> dict[str, Any]:
     kind = EVENT_TYPES.get(type(event).__name__)
     if kind is None:
         raise TypeError(f"unknown chat event {type(event).__name__}")
+    if kind == "retrieval":  # the summary only: records and token ids stay in process
+        return {"type": kind, "summary": jsonable(getattr(event, "summary", {}) or {})}
     if dataclasses.is_dataclass(event) and not isinstance(event, type):
         fields = dataclasses.asdict(event)
     else:
