@@ -1,19 +1,22 @@
 """``ChatInfLLM``: a LangChain chat model on a persistent InfLLM engine.
 
-Every call renders the conversation with the model's chat template, syncs it to an
-engine session (only tokens not already consumed are computed), and generates. The
-exact ids generated for each AIMessage are remembered by message id and spliced back
-when the message returns, so an agent loop re-sending its history never recomputes it.
+A thin adapter over :class:`~langchain_infllm.chat_core.ChatCore`, as ChatOllama is over
+its client: LangChain messages and tools become OpenAI-shaped dicts
+(``convert_to_openai_messages`` / ``convert_to_openai_tool``), the core runs the turn
+(render, sync the session so only new tokens are computed, generate, parse tool calls)
+and its events become ``AIMessageChunk``s, usage metadata and
+``response_metadata["infllm"]``; the retrieval trace goes out through callbacks.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import threading
-import time
 import uuid
+import weakref
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,23 +46,30 @@ from langchain_core.utils.pydantic import is_basemodel_subclass
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt
 
-from langchain_infllm import tracing
-from langchain_infllm.chat_prompt import PromptRenderer, RenderedPrompt
-from langchain_infllm.chat_sessions import (
-    GeneratedTokenStore,
-    choose_session_id,
-    session_key_from_config,
-    token_store_for,
+from langchain_infllm import trace_data, tracing
+from langchain_infllm.chat_core import (
+    ChatCore,
+    ChatEvent,
+    FinishEvent,
+    GenerationParams,
+    InvalidToolCallEvent,
+    RetrievalEvent,
+    TextDelta,
+    ToolCallEvent,
+    UsageEvent,
 )
+from langchain_infllm.chat_core.engines import clear_engine_registry, shared_engine
+from langchain_infllm.chat_core.messages import normalize_tool_choice
+from langchain_infllm.chat_core.plan import TurnPlan, check_max_tokens
+from langchain_infllm.chat_core.tool_parsing import generate_tool_call_id
+from langchain_infllm.chat_prompt import messages_to_dicts
+from langchain_infllm.chat_sessions import choose_session_id, session_key_from_config
 from langchain_infllm.config import InfLLMConfig, model_path_from_yaml
-from langchain_infllm.engine.sampling import check_seed, check_temperature, check_top_p
-from langchain_infllm.tool_parsing import (
-    StreamEvent,
-    TextEvent,
-    ToolCallStreamParser,
-    generate_tool_call_id,
-    parse_tool_calls,
-    tool_call_prefill,
+from langchain_infllm.engine.sampling import (
+    check_repetition_penalty,
+    check_seed,
+    check_temperature,
+    check_top_p,
 )
 
 if TYPE_CHECKING:
@@ -68,174 +78,29 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 PROVIDER = "infllm"
-DEFAULT_MAX_NEW_TOKENS = 1024
-"""Generation budget when neither ``max_tokens`` nor ``max_context`` bounds it."""
 RETRY_TEMPERATURE = 0.7
 """Sampling temperature of structured-output retries (a greedy retry repeats itself)."""
-"""Name of the custom callback event emitted once per call with the retrieval summary."""
 THREAD_KWARG = "_infllm_thread"
 """Private call kwarg carrying the LangGraph thread key found in the call's config."""
 
-# Special tokens that end an assistant turn in the common chat formats.
-_END_OF_TURN_TOKENS = (
-    "<|im_end|>",
-    "<|endoftext|>",
-    "<|eot_id|>",
-    "<|end_of_text|>",
-    "<|eom_id|>",
-    "<end_of_turn>",
-    "<|end|>",
-    "</s>",
-)
-
 ToolChoice = Literal["auto", "any", "none"] | str
 
-
-# ============================================================================ engines
-
-_ENGINES: dict[tuple[str, str, str, str], InfLLMEngine] = {}
-_ENGINES_LOCK = threading.Lock()
+_CORES: weakref.WeakKeyDictionary[Any, ChatCore] = weakref.WeakKeyDictionary()
+_CORES_LOCK = threading.Lock()
 
 
-def _torch_dtype(name: str | None) -> Any:
-    if name is None or name == "auto":
-        return None
-    import torch
-
-    aliases = {
-        "bf16": "bfloat16",
-        "bfloat16": "bfloat16",
-        "fp16": "float16",
-        "half": "float16",
-        "float16": "float16",
-        "fp32": "float32",
-        "float": "float32",
-        "float32": "float32",
-    }
-    key = aliases.get(name.lower().removeprefix("torch."))
-    if key is None:
-        raise ValueError(f"dtype {name!r} is not one of bfloat16, float16, float32, auto")
-    return getattr(torch, key)
-
-
-def shared_engine(
-    model: str, config: InfLLMConfig, device: str | None = None, dtype: str | None = None
-) -> InfLLMEngine:
-    """The process-wide engine for this model and config, loaded on first use."""
-    key = (model, config.model_dump_json(), device or "", dtype or "")
-    with _ENGINES_LOCK:
-        engine = _ENGINES.get(key)
-        if engine is None:
-            from langchain_infllm.engine import InfLLMEngine
-
-            logger.info("loading InfLLM engine for %s", model)
-            engine = InfLLMEngine.from_pretrained(
-                model, config, device=device, dtype=_torch_dtype(dtype)
-            )
-            _ENGINES[key] = engine
-        return engine
-
-
-def _tokenizer(engine: Any) -> Any:
-    tokenizer = getattr(engine, "tokenizer", None)
-    if tokenizer is None:
-        raise ValueError("the engine has no tokenizer; ChatInfLLM needs one to render chats")
-    return tokenizer
-
-
-def clear_engine_registry() -> None:
-    """Forget the shared engines (they are freed once no chat model holds them)."""
-    with _ENGINES_LOCK:
-        _ENGINES.clear()
-
-
-# ============================================================================ per-call
-
-
-@dataclass
-class _Plan:
-    """Everything a call needs, validated before the session is touched."""
-
-    engine: Any
-    session_id: str
-    prompt: RenderedPrompt
-    prefill_text: str
-    prefill_ids: list[int]
-    prefill_choices: list[tuple[str, list[int]]]
-    """Forced call among several tools: candidate prefills (one per tool name), scored by
-    the model at run time; the winner plus its argument opening becomes the prefill."""
-    args_openings: dict[str, tuple[str, list[int]]]
-    tool_names: list[str]
-    parse_tools: bool
-    tool_format: str
-    max_new_tokens: int
-    temperature: float
-    top_p: float
-    seed: int | None
-    stop: list[str]
-    stop_token_ids: tuple[int, ...]
-    message_id: str
-    messages: list[BaseMessage] = field(default_factory=list)
-    outcome: _Outcome = field(default_factory=lambda: _Outcome())
-
-    @property
-    def input_ids(self) -> list[int]:
-        return self.prompt.token_ids + self.prefill_ids
-
-
-@dataclass
-class _Outcome:
-    """What the turn did; filled while it runs."""
-
-    text: str = ""
-    generated_ids: list[int] = field(default_factory=list)
-    finish_reason: str = "stop"
-    reused_tokens: int = 0
-    computed_tokens: int = 0
-    prefill_seconds: float = 0.0
-    scored_tokens: int = 0
-    summary: dict[str, Any] | None = None
-    decode_seconds: float = 0.0
-    token_ids: list[int] = field(default_factory=list)
-    """The session's tokens after the turn (kept only when tracing, to decode block text)."""
-    context_tokens: int = 0
-    stats: dict[str, Any] = field(default_factory=dict)
-    records: list[Any] = field(default_factory=list)
-    done: bool = False
-
-
-class _Detokenizer:
-    """Incremental decoding that never emits half a multi-byte character."""
-
-    def __init__(self, tokenizer: Any) -> None:
-        self.tokenizer = tokenizer
-        self.ids: list[int] = []
-        self.prefix_offset = 0
-        self.read_offset = 0
-
-    def push(self, token: int) -> str:
-        self.ids.append(token)
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        if len(text) > len(prefix) and not text.endswith("\ufffd"):
-            self.prefix_offset = self.read_offset
-            self.read_offset = len(self.ids)
-            return str(text[len(prefix) :])
-        return ""
-
-    def flush(self) -> str:
-        decode = self.tokenizer.decode
-        prefix = decode(self.ids[self.prefix_offset : self.read_offset], skip_special_tokens=True)
-        text = decode(self.ids[self.prefix_offset :], skip_special_tokens=True)
-        self.prefix_offset = self.read_offset = len(self.ids)
-        return str(text[len(prefix) :]) if len(text) > len(prefix) else ""
+def core_for(engine: Any, model_name: str | None = None) -> ChatCore:
+    """The chat core on ``engine``, shared by every ChatInfLLM using it."""
+    with _CORES_LOCK:
+        core = _CORES.get(engine)
+        if core is None:
+            core = ChatCore(engine, model_name=model_name)
+            _CORES[engine] = core
+        return core
 
 
 def _check_max_tokens(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"max_tokens must be a positive integer, got {value!r}")
-    return value
+    return check_max_tokens(value)
 
 
 def _format_tools(tools: Any) -> list[dict[str, Any]]:
@@ -274,30 +139,26 @@ def _validate_stop(stop: Any, where: str) -> list[str]:
     return list(stop)
 
 
-def _normalize_tool_choice(choice: Any, names: Sequence[str]) -> str | None:
-    if choice is None:
-        return None
-    if choice is True:
-        choice = "any"
-    elif choice is False:
-        choice = "none"
-    if isinstance(choice, dict):
-        inner = choice.get("function") if isinstance(choice.get("function"), dict) else choice
-        name = inner.get("name") if isinstance(inner, dict) else None
-        if not isinstance(name, str):
-            raise ValueError(f"tool_choice {choice!r} names no tool")
-        choice = name
-    if not isinstance(choice, str):
-        raise ValueError(f"tool_choice must be a string, dict or bool, got {choice!r}")
-    if choice in ("auto", "none"):
-        return choice
-    if choice in ("any", "required"):
-        if not names:
-            raise ValueError("tool_choice='any' needs at least one tool")
-        return "any"
-    if choice not in names:
-        raise ValueError(f"tool_choice {choice!r} is not one of the bound tools {list(names)}")
-    return choice
+def _core_tool_choice(choice: Any, names: Sequence[str]) -> str | None:
+    """LangChain's tool_choice (``"any"``, True, a dict...) in the core's terms."""
+    return normalize_tool_choice(choice, names)
+
+
+@dataclass
+class _Call:
+    """One call of ChatInfLLM: the core's plan plus what the events said."""
+
+    core: ChatCore
+    plan: TurnPlan
+    message_id: str
+    messages: list[BaseMessage]
+    text: list[str] = field(default_factory=list)
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
+    usage: UsageEvent | None = None
+    retrieval: RetrievalEvent | None = None
+    finish: str | None = None
+    index: int = 0
 
 
 # ============================================================================ model
@@ -345,6 +206,9 @@ class ChatInfLLM(BaseChatModel):
     """Stop sequences: generation ends where one appears (it is not returned)."""
     seed: int | None = None
     """Seed for sampling when ``temperature > 0``."""
+    repetition_penalty: float | None = None
+    """CTRL-style penalty on tokens already in the context (1 is off); None: the model's
+    ``generation_config`` value, else 1."""
     streaming: bool = False
     """Stream through callbacks even when called with ``invoke``."""
     session_id: str | None = None
@@ -375,6 +239,11 @@ class ChatInfLLM(BaseChatModel):
     @classmethod
     def _check_seed(cls, value: Any) -> int | None:
         return check_seed(value)
+
+    @field_validator("repetition_penalty", mode="before")
+    @classmethod
+    def _check_repetition_penalty(cls, value: Any) -> float | None:
+        return None if value is None else check_repetition_penalty(value)
 
     @field_validator("max_tokens", mode="before")
     @classmethod
@@ -437,6 +306,7 @@ class ChatInfLLM(BaseChatModel):
             "top_p": self.top_p,
             "max_tokens": self.max_tokens,
             "seed": self.seed,
+            "repetition_penalty": self.repetition_penalty,
             "infllm_config": self.resolved_config.model_dump(),
         }
 
@@ -497,39 +367,14 @@ class ChatInfLLM(BaseChatModel):
         assert self.model is not None
         return shared_engine(self.model, self.resolved_config, self.device, self.dtype)
 
-    def _renderer(self, engine: Any) -> PromptRenderer:
-        renderer = getattr(engine, "_chat_infllm_renderer", None)
-        if renderer is None:
-            renderer = PromptRenderer(_tokenizer(engine), self._stop_token_ids(engine))
-            with contextlib.suppress(AttributeError):
-                engine._chat_infllm_renderer = renderer
-        return cast(PromptRenderer, renderer)
-
-    @staticmethod
-    def _stop_token_ids(engine: Any) -> tuple[int, ...]:
-        tokenizer = _tokenizer(engine)
-        ids: list[int] = []
-        generation_config = getattr(engine.model, "generation_config", None)
-        eos = getattr(generation_config, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.append(eos)
-        elif isinstance(eos, list | tuple):
-            ids.extend(int(i) for i in eos)
-        if tokenizer.eos_token_id is not None:
-            ids.append(int(tokenizer.eos_token_id))
-        vocab = tokenizer.get_vocab()
-        for token in _END_OF_TURN_TOKENS:
-            if token in vocab and token in tokenizer.all_special_tokens:
-                ids.append(int(vocab[token]))
-        return tuple(dict.fromkeys(ids))
-
-    def _token_store(self, engine: Any) -> GeneratedTokenStore:
-        return token_store_for(engine)
+    def get_core(self) -> ChatCore:
+        """The chat core on this model's engine (one per engine, shared)."""
+        return core_for(self.get_engine(), self.model_name)
 
     # ------------------------------------------------------------------ tokens
     def get_token_ids(self, text: str) -> list[int]:
         """Ids of ``text`` under the model's tokenizer (no special tokens added)."""
-        return list(_tokenizer(self.get_engine()).encode(text, add_special_tokens=False))
+        return list(self.get_core().engine.tokenizer.encode(text, add_special_tokens=False))
 
     def get_num_tokens_from_messages(
         self,
@@ -537,9 +382,8 @@ class ChatInfLLM(BaseChatModel):
         tools: Sequence[dict[str, Any] | type | Callable[..., Any] | BaseTool] | None = None,
     ) -> int:
         """Tokens of the prompt these messages render to (chat template included)."""
-        engine = self.get_engine()
         formatted = [convert_to_openai_tool(t) for t in tools] if tools else None
-        return self._renderer(engine).count(messages, formatted)
+        return self.get_core().renderer.count(messages_to_dicts(messages), formatted)
 
     # ------------------------------------------------------------------ session keys
     def _with_session_kwargs(
@@ -606,7 +450,7 @@ class ChatInfLLM(BaseChatModel):
         stop: list[str] | None,
         run_manager: CallbackManagerForLLMRun | AsyncCallbackManagerForLLMRun | None,
         kwargs: dict[str, Any],
-    ) -> _Plan:
+    ) -> _Call:
         """Validate the call and render its prompt; touches no session."""
         stops = _validate_stop(stop if stop is not None else self.stop, "stop")
 
@@ -620,48 +464,16 @@ class ChatInfLLM(BaseChatModel):
         if max_tokens is not None:
             max_tokens = _check_max_tokens(max_tokens)
         seed = check_seed(option("seed"))
+        penalty = option("repetition_penalty")
+        if penalty is not None:
+            penalty = check_repetition_penalty(penalty)
         tools: list[dict[str, Any]] | None = kwargs.get("tools") or None
         if tools is not None:
             tools = _format_tools(tools)
         names = [t["function"]["name"] for t in tools or []]
-        choice = _normalize_tool_choice(kwargs.get("tool_choice"), names)
+        choice = _core_tool_choice(kwargs.get("tool_choice"), names)
         if choice not in (None, "auto", "none") and not tools:
             raise ValueError(f"tool_choice={choice!r} needs tools; use bind_tools(...)")
-
-        engine = self.get_engine()
-        renderer = self._renderer(engine)
-        store = self._token_store(engine)
-        prompt = renderer.render(messages, tools, store.lookup)
-
-        tool_format = renderer.tool_format
-        prefill_text = ""
-        choices: list[tuple[str, list[int]]] = []
-        openings: dict[str, tuple[str, list[int]]] = {}
-        if tools and choice not in (None, "auto", "none"):
-            forced = choice if choice != "any" else (names[0] if len(names) == 1 else None)
-            if forced is not None:
-                prefill_text = tool_call_prefill(tool_format, forced) + _args_opening(
-                    tools[names.index(forced)]
-                )
-            else:
-                for tool, name in zip(tools, names, strict=True):
-                    text = tool_call_prefill(tool_format, name)
-                    choices.append((text, renderer.encode(text)))
-                    opening = _args_opening(tool)
-                    openings[text] = (opening, renderer.encode(text + opening))
-        prefill_ids = renderer.encode(prefill_text)
-        # Before scoring, the longest candidate prefill counts against the limit.
-        n_prefill = max((len(ids) for _, ids in openings.values()), default=len(prefill_ids))
-        n_input = len(prompt.token_ids) + n_prefill
-        budget = max_tokens if max_tokens is not None else DEFAULT_MAX_NEW_TOKENS
-        limit = self.resolved_config.max_context
-        if limit is not None:
-            if n_input >= limit:
-                raise ValueError(
-                    f"prompt is {n_input} tokens and max_context is {limit}, which leaves no "
-                    "room to generate (shorten the conversation or raise max_context)"
-                )
-            budget = min(budget, limit - n_input)
 
         session_id = choose_session_id(
             explicit=kwargs.get("session_id") or None,
@@ -678,266 +490,158 @@ class ChatInfLLM(BaseChatModel):
         message_id = (
             f"lc_run--{run_manager.run_id}" if run_manager is not None else f"infllm-{uuid.uuid4()}"
         )
-        return _Plan(
-            engine=engine,
-            session_id=session_id,
-            prompt=prompt,
-            prefill_text=prefill_text,
-            prefill_ids=prefill_ids,
-            prefill_choices=choices,
-            args_openings=openings,
-            tool_names=names,
-            parse_tools=bool(tools) and choice != "none",
-            tool_format=tool_format,
-            max_new_tokens=budget,
+        params = GenerationParams(
+            max_tokens=max_tokens,
             temperature=temperature,
             top_p=top_p,
             seed=seed,
-            stop=stops,
-            stop_token_ids=renderer.end_of_turn_ids,
-            message_id=message_id,
-            messages=list(messages),
+            stop=tuple(stops),
+            repetition_penalty=penalty,
+            tool_choice=choice,
         )
+        core = self.get_core()
+        plan = core.plan(
+            messages_to_dicts(messages),
+            tools=tools,
+            params=params,
+            session_id=session_id,
+            message_id=message_id,
+        )
+        return _Call(core=core, plan=plan, message_id=message_id, messages=list(messages))
 
-    # ------------------------------------------------------------------ the turn
-    def _run_turn(self, plan: _Plan, cancel: threading.Event | None = None) -> Iterator[str]:
-        """Sync the prompt, generate, and yield visible text deltas.
-
-        The session lock is held for the whole turn, so concurrent calls on one session
-        run one after the other. ``plan.outcome`` is complete once the iterator ends.
-        """
-        engine = plan.engine
-        outcome = plan.outcome
-        session = engine.session(plan.session_id)
-        detok = _Detokenizer(_tokenizer(engine))
-        stop_ids = set(plan.stop_token_ids)
-        hold = max((len(s) for s in plan.stop), default=1) - 1
-        with session.lock:
-            session.drain_retrievals()  # records of earlier, unrelated work
-            began = time.perf_counter()
-            if plan.prefill_choices:
-                step = session.sync(plan.prompt.token_ids)
-                outcome.scored_tokens = self._choose_prefill(session, plan, step.logits)
-                session.sync(plan.input_ids)
-            else:
-                step = session.sync(plan.input_ids)
-            outcome.prefill_seconds = time.perf_counter() - began
-            outcome.reused_tokens = int(step.reused_tokens)
-            outcome.computed_tokens = len(plan.input_ids) - outcome.reused_tokens
-            began = time.perf_counter()
-            text = ""
-            emitted = 0
-            finish = "length"
-            tokens = session.generate(
-                plan.max_new_tokens,
-                temperature=plan.temperature,
-                top_p=plan.top_p,
-                stop_token_ids=plan.stop_token_ids,
-                seed=plan.seed,
+    # ------------------------------------------------------------------ events
+    def _chunks(self, call: _Call, event: ChatEvent) -> Iterator[ChatGenerationChunk]:
+        """The chunks one core event becomes (usage and metadata wait for the end)."""
+        if isinstance(event, TextDelta):
+            call.text.append(event.text)
+            message = AIMessageChunk(content=event.text, id=call.message_id)
+            yield ChatGenerationChunk(message=message)
+        elif isinstance(event, ToolCallEvent | InvalidToolCallEvent):
+            yield self._tool_chunk(call, event)
+        elif isinstance(event, UsageEvent):
+            call.usage = event
+        elif isinstance(event, RetrievalEvent):
+            call.retrieval = event
+        elif isinstance(event, FinishEvent):
+            call.finish = event.reason
+            last = AIMessageChunk(
+                content="",
+                id=call.message_id,
+                usage_metadata=self._usage(call),
+                response_metadata=self._response_metadata(call),
+                chunk_position="last",
             )
-            try:
-                for token in tokens:
-                    outcome.generated_ids.append(int(token))
-                    if token in stop_ids:
-                        finish = "stop"
-                        break
-                    text += detok.push(int(token))
-                    cut = self._find_stop(text, plan.stop)
-                    if cut is not None:
-                        text = text[:cut]
-                        finish = "stop"
-                        break
-                    safe = len(text) - hold
-                    if safe > emitted:
-                        yield text[emitted:safe]
-                        emitted = safe
-                    if cancel is not None and cancel.is_set():
-                        finish = "cancelled"
-                        break
-                else:
-                    text += detok.flush()
-                    cut = self._find_stop(text, plan.stop)
-                    if cut is not None:
-                        text = text[:cut]
-                        finish = "stop"
-                if len(text) > emitted:
-                    yield text[emitted:]
-                outcome.text = text
-                outcome.finish_reason = finish
-            finally:
-                close = getattr(tokens, "close", None)
-                if close is not None:
-                    close()
-                outcome.decode_seconds = time.perf_counter() - began
-                outcome.records = session.drain_retrievals()
-                outcome.stats = dict(session.stats())
-                outcome.context_tokens = len(session)
-                if engine.config.trace != "off":
-                    outcome.token_ids = list(session.token_ids)
-        outcome.done = True
+            yield ChatGenerationChunk(message=last)
 
-    @staticmethod
-    def _choose_prefill(session: Any, plan: _Plan, logits: Any) -> int:
-        """Forced call among several tools: pick the name the model finds most likely.
-
-        Each candidate prefill (the call opening with one tool's name) is scored by its
-        log-probability after the prompt; the candidates share the prompt, so scoring
-        costs only their own few tokens. Returns the number of tokens computed to score.
-        """
-        import torch
-
-        base = list(plan.prompt.token_ids)
-        best_text, best_score = plan.prefill_choices[0][0], -float("inf")
-        computed = 0
-        for text, ids in plan.prefill_choices:
-            # Back to the prompt: a truncation, then the last prompt token recomputed.
-            computed += int(session.sync(base).computed_tokens)
-            current = logits
-            score = 0.0
-            for position, token in enumerate(ids):
-                if current is None:
-                    break
-                logprobs = torch.log_softmax(current.to(torch.float32), dim=-1)
-                score += float(logprobs[token])
-                if position + 1 < len(ids):
-                    current = session.append([token]).logits
-                    computed += 1
-            if score > best_score:
-                best_text, best_score = text, score
-        opening, ids = plan.args_openings[best_text]
-        plan.prefill_text = best_text + opening
-        plan.prefill_ids = ids
-        return computed
-
-    @staticmethod
-    def _find_stop(text: str, stops: Sequence[str]) -> int | None:
-        found = [i for i in (text.find(s) for s in stops) if i >= 0]
-        return min(found) if found else None
+    def _tool_chunk(
+        self, call: _Call, event: ToolCallEvent | InvalidToolCallEvent
+    ) -> ChatGenerationChunk:
+        if isinstance(event, ToolCallEvent):
+            args = json.dumps(event.arguments, ensure_ascii=False)
+            name: str | None = event.name
+        else:
+            # A JSON string literal never parses to a dict, so LangChain keeps the call
+            # invalid instead of "repairing" truncated arguments into wrong ones.
+            args, name = json.dumps(event.arguments, ensure_ascii=False), event.name
+        chunk = ToolCallChunk(
+            name=name,
+            args=args,
+            id=event.id or generate_tool_call_id(),
+            index=call.index,
+            type="tool_call_chunk",
+        )
+        call.index += 1
+        message = AIMessageChunk(content="", tool_call_chunks=[chunk], id=call.message_id)
+        if isinstance(event, ToolCallEvent):
+            call.tool_calls.extend(message.tool_calls)
+        else:
+            call.invalid_tool_calls.append(
+                InvalidToolCall(
+                    name=event.name,
+                    args=event.arguments,
+                    id=event.id,
+                    error=event.error,
+                    type="invalid_tool_call",
+                )
+            )
+        return ChatGenerationChunk(message=message)
 
     # ------------------------------------------------------------------ results
-    def _summary(self, plan: _Plan) -> dict[str, Any]:
-        """``response_metadata["infllm"]``: reuse, memory and retrieval figures of the call,
-        the most recalled blocks and, when tracing, where each input message sits (so a
-        trace handler can map recalled blocks to messages from the metadata alone).
-        Computed once per call (metadata and trace events share it)."""
-        out = plan.outcome
-        if out.summary is not None:
-            return dict(out.summary)
-        digest = tracing.summarize_retrievals(out.records, max_blocks=8)
-        stats = out.stats
-        summary: dict[str, Any] = {
-            "session_id": plan.session_id,
-            "tokens_reused": out.reused_tokens,
-            "tokens_computed": out.computed_tokens,
-            "tokens_generated": len(out.generated_ids),
-            "tokens_spliced": plan.prompt.spliced_tokens,
-            "tokens_scored": out.scored_tokens,
-            "context_tokens": out.context_tokens,
-            "prompt_tokens": len(plan.input_ids),
-            "blocks_in_memory": int(stats.get("blocks", 0)),
-            "retrievals": digest["retrievals"],
-            "blocks_retrieved": digest["blocks_selected"],
-            "unique_blocks_retrieved": digest["unique_blocks"],
-            "cache_hits": digest["cache_hits"],
-            "cache_misses": digest["cache_misses"],
-            "bytes_copied": digest["bytes_copied"],
-            "top_blocks": [
-                {k: b[k] for k in ("block", "start", "end", "count")}
-                for b in digest["top_blocks"]
-            ],
-            "prefill_seconds": round(out.prefill_seconds, 4),
-            "decode_seconds": round(out.decode_seconds, 4),
-        }
-        if plan.engine.config.trace != "off" and plan.prompt.message_spans:
-            summary["message_spans"] = [
-                {k: span[k] for k in ("index", "role", "start", "end")}
-                for span in self._message_spans(plan)
-            ]
-        out.summary = summary
-        return dict(summary)
+    def _summary(self, call: _Call) -> dict[str, Any]:
+        """``response_metadata["infllm"]``: the core's retrieval summary of the turn."""
+        return dict(call.retrieval.summary) if call.retrieval is not None else {}
 
-    @staticmethod
-    def _message_spans(plan: _Plan) -> list[dict[str, Any]]:
-        return tracing.build_message_spans(plan.messages, plan.prompt.message_spans)
-
-    def _trace_events(self, plan: _Plan) -> list[tuple[str, dict[str, Any]]]:
-        """This call's trace events at the engine's trace level (schema in tracing.py)."""
-        level = plan.engine.config.trace
-        if level == "off":
+    def _trace_events(self, call: _Call) -> list[tuple[str, dict[str, Any]]]:
+        """This call's trace events at the engine's trace level (schema in trace_data)."""
+        engine = call.core.engine
+        level = engine.config.trace
+        retrieval = call.retrieval
+        if level == "off" or retrieval is None:
             return []
-        out = plan.outcome
-        tokenizer = _tokenizer(plan.engine)
+        summary = retrieval.summary
+        tokenizer = engine.tokenizer
 
         def decode(ids: Sequence[int]) -> str:
             return str(tokenizer.decode(list(ids)))
 
-        summary = tracing.step_summary_payload(
-            out.records,
-            session_id=plan.session_id,
+        spans = list(retrieval.message_spans)
+        if spans:  # the previews of LangChain messages, as the trace handler shows them
+            offsets = call.plan.prompt.message_spans
+            if len(offsets) == len(call.messages):
+                spans = trace_data.build_message_spans(call.messages, offsets)
+        payload = trace_data.step_summary_payload(
+            list(retrieval.records),
+            session_id=summary["session_id"],
             step=None,
-            prompt_tokens=len(plan.input_ids),
-            tokens_reused=out.reused_tokens,
-            tokens_computed=out.computed_tokens,
-            generated_tokens=len(out.generated_ids),
-            blocks_in_memory=int(out.stats.get("blocks", 0)),
-            seconds=out.prefill_seconds + out.decode_seconds,
-            message_spans=self._message_spans(plan) if plan.prompt.message_spans else None,
-            token_ids=out.token_ids,
+            prompt_tokens=summary["prompt_tokens"],
+            tokens_reused=summary["tokens_reused"],
+            tokens_computed=summary["tokens_computed"],
+            generated_tokens=summary["tokens_generated"],
+            blocks_in_memory=summary["blocks_in_memory"],
+            seconds=summary["prefill_seconds"] + summary["decode_seconds"],
+            message_spans=spans or None,
+            token_ids=list(retrieval.token_ids),
             decode=decode,
-            extra={"model_name": self.model_name, **self._summary(plan)},
+            extra={"model_name": self.model_name, **summary},
         )
-        return tracing.build_trace_events(
-            level, out.records, summary, token_ids=out.token_ids, decode=decode
+        return trace_data.build_trace_events(
+            level,
+            list(retrieval.records),
+            payload,
+            token_ids=list(retrieval.token_ids),
+            decode=decode,
         )
 
-    def _usage(self, plan: _Plan) -> UsageMetadata:
-        out = plan.outcome
-        n_in = len(plan.input_ids)
-        n_out = len(out.generated_ids)
+    def _usage(self, call: _Call) -> UsageMetadata:
+        usage = call.usage or UsageEvent(0, 0, 0)
+        n_in, n_out = usage.prompt_tokens, usage.completion_tokens
         return UsageMetadata(
             input_tokens=n_in,
             output_tokens=n_out,
             total_tokens=n_in + n_out,
             input_token_details=InputTokenDetails(
-                cache_read=out.reused_tokens, cache_creation=out.computed_tokens
+                cache_read=usage.cached_tokens, cache_creation=n_in - usage.cached_tokens
             ),
         )
 
-    def _response_metadata(self, plan: _Plan, finish_reason: str) -> dict[str, Any]:
+    def _response_metadata(self, call: _Call) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
-            "finish_reason": finish_reason,
+            "finish_reason": call.finish or "stop",
             "model_provider": PROVIDER,
-            "infllm": self._summary(plan),
+            "infllm": self._summary(call),
         }
 
-    def _parse(self, plan: _Plan) -> tuple[str, list[ToolCall], list[InvalidToolCall]]:
-        full = plan.prefill_text + plan.outcome.text
-        if not plan.parse_tools:
-            return full, [], []
-        parsed = parse_tool_calls(full, plan.tool_names)
-        return parsed.content, list(parsed.tool_calls), list(parsed.invalid_tool_calls)
-
-    def _finish_reason(self, plan: _Plan, has_calls: bool) -> str:
-        reason = plan.outcome.finish_reason
-        return "tool_calls" if has_calls and reason == "stop" else reason
-
-    def _build_message(self, plan: _Plan) -> AIMessage:
-        content, calls, invalid = self._parse(plan)
-        message = AIMessage(
-            content=content,
-            tool_calls=calls,
-            invalid_tool_calls=invalid,
-            id=plan.message_id,
-            usage_metadata=self._usage(plan),
-            response_metadata=self._response_metadata(plan, self._finish_reason(plan, bool(calls))),
+    def _message(self, call: _Call) -> AIMessage:
+        text = "".join(call.text)
+        return AIMessage(
+            content=text.strip() if call.plan.parse_tools else text,
+            tool_calls=call.tool_calls,
+            invalid_tool_calls=call.invalid_tool_calls,
+            id=call.message_id,
+            usage_metadata=self._usage(call),
+            response_metadata=self._response_metadata(call),
         )
-        self._remember(plan, message)
-        return message
-
-    def _remember(self, plan: _Plan, message: AIMessage) -> None:
-        ids = plan.prefill_ids + plan.outcome.generated_ids
-        self._token_store(plan.engine).remember(message, ids)
 
     # ------------------------------------------------------------------ generate
     def _generate(
@@ -947,12 +651,12 @@ class ChatInfLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        plan = self._plan(messages, stop, run_manager, kwargs)
-        for _ in self._run_turn(plan):
-            pass
-        message = self._build_message(plan)
-        tracing.emit_trace_events(run_manager, self._trace_events(plan))
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        call = self._plan(messages, stop, run_manager, kwargs)
+        for event in call.core.run_plan(call.plan):
+            for _ in self._chunks(call, event):
+                pass
+        tracing.emit_trace_events(run_manager, self._trace_events(call))
+        return ChatResult(generations=[ChatGeneration(message=self._message(call))])
 
     async def _agenerate(
         self,
@@ -961,93 +665,14 @@ class ChatInfLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> ChatResult:
-        plan = await asyncio.to_thread(self._plan, messages, stop, run_manager, kwargs)
-        async for _ in self._aiter_turn(plan):
-            pass
-        message = self._build_message(plan)
-        await tracing.aemit_trace_events(run_manager, self._trace_events(plan))
-        return ChatResult(generations=[ChatGeneration(message=message)])
+        call = await asyncio.to_thread(self._plan, messages, stop, run_manager, kwargs)
+        async for event in call.core.arun_plan(call.plan):
+            for _ in self._chunks(call, event):
+                pass
+        await tracing.aemit_trace_events(run_manager, self._trace_events(call))
+        return ChatResult(generations=[ChatGeneration(message=self._message(call))])
 
     # ------------------------------------------------------------------ stream
-    def _chunks(self, plan: _Plan, deltas: Iterator[str]) -> Iterator[ChatGenerationChunk]:
-        """Shared body of the sync stream: text and tool-call chunks, then the last one."""
-        parser = ToolCallStreamParser(plan.tool_names) if plan.parse_tools else None
-        state = _StreamState()
-        for delta in deltas:
-            yield from self._feed(plan, parser, state, delta)
-        yield from self._close(plan, parser, state)
-
-    def _feed(
-        self,
-        plan: _Plan,
-        parser: ToolCallStreamParser | None,
-        state: _StreamState,
-        delta: str,
-    ) -> Iterator[ChatGenerationChunk]:
-        if not state.prefill_fed:  # the prefill is final once the turn has started
-            state.prefill_fed = True
-            delta = plan.prefill_text + delta
-        if parser is None:
-            if delta:
-                state.text += delta
-                yield self._text_chunk(plan, delta)
-            return
-        for event in parser.feed(delta):
-            yield from self._event_chunk(plan, state, event)
-
-    def _close(
-        self, plan: _Plan, parser: ToolCallStreamParser | None, state: _StreamState
-    ) -> Iterator[ChatGenerationChunk]:
-        if not state.prefill_fed:
-            yield from self._feed(plan, parser, state, "")
-        if parser is not None:
-            for event in parser.finish():
-                yield from self._event_chunk(plan, state, event)
-        aggregate = AIMessage(
-            content=state.text,
-            tool_calls=state.tool_calls,
-            invalid_tool_calls=state.invalid_tool_calls,
-            id=plan.message_id,
-        )
-        self._remember(plan, aggregate)
-        reason = self._finish_reason(plan, bool(state.tool_calls))
-        last = AIMessageChunk(
-            content="",
-            id=plan.message_id,
-            usage_metadata=self._usage(plan),
-            response_metadata=self._response_metadata(plan, reason),
-            chunk_position="last",
-        )
-        yield ChatGenerationChunk(message=last)
-
-    def _event_chunk(
-        self, plan: _Plan, state: _StreamState, event: StreamEvent
-    ) -> Iterator[ChatGenerationChunk]:
-        if isinstance(event, TextEvent):
-            if event.text:
-                state.text += event.text
-                yield self._text_chunk(plan, event.text)
-            return
-        data = event.chunk
-        chunk = ToolCallChunk(
-            name=data["name"],
-            args=data["args"],
-            id=data["id"] or generate_tool_call_id(),
-            index=data["index"],
-            type="tool_call_chunk",
-        )
-        message = AIMessageChunk(content="", tool_call_chunks=[chunk], id=plan.message_id)
-        state.tool_calls.extend(message.tool_calls)
-        if event.invalid is not None:
-            state.invalid_tool_calls.append(event.invalid)
-        else:
-            state.invalid_tool_calls.extend(message.invalid_tool_calls)
-        yield ChatGenerationChunk(message=message)
-
-    @staticmethod
-    def _text_chunk(plan: _Plan, text: str) -> ChatGenerationChunk:
-        return ChatGenerationChunk(message=AIMessageChunk(content=text, id=plan.message_id))
-
     def _stream(
         self,
         messages: list[BaseMessage],
@@ -1055,13 +680,18 @@ class ChatInfLLM(BaseChatModel):
         run_manager: CallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> Iterator[ChatGenerationChunk]:
-        plan = self._plan(messages, stop, run_manager, kwargs)
-        for chunk in self._chunks(plan, self._run_turn(plan)):
-            if run_manager is not None:
-                run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
-        if plan.outcome.done:
-            tracing.emit_trace_events(run_manager, self._trace_events(plan))
+        call = self._plan(messages, stop, run_manager, kwargs)
+        events = call.core.run_plan(call.plan)
+        try:
+            for event in events:
+                for chunk in self._chunks(call, event):
+                    if run_manager is not None:
+                        run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
+        finally:
+            events.close()
+        if call.finish is not None:
+            tracing.emit_trace_events(run_manager, self._trace_events(call))
 
     async def _astream(
         self,
@@ -1070,56 +700,18 @@ class ChatInfLLM(BaseChatModel):
         run_manager: AsyncCallbackManagerForLLMRun | None = None,
         **kwargs: Any,
     ) -> AsyncIterator[ChatGenerationChunk]:
-        plan = await asyncio.to_thread(self._plan, messages, stop, run_manager, kwargs)
-        parser = ToolCallStreamParser(plan.tool_names) if plan.parse_tools else None
-        state = _StreamState()
-        pending: list[ChatGenerationChunk] = []
-        async for delta in self._aiter_turn(plan):
-            pending.extend(self._feed(plan, parser, state, delta))
-            for chunk in pending:
-                if run_manager is not None:
-                    await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-                yield chunk
-            pending.clear()
-        pending.extend(self._close(plan, parser, state))
-        for chunk in pending:
-            if run_manager is not None:
-                await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
-            yield chunk
-        await tracing.aemit_trace_events(run_manager, self._trace_events(plan))
-
-    async def _aiter_turn(self, plan: _Plan) -> AsyncIterator[str]:
-        """Run the blocking turn in a worker thread; hand deltas over through a queue."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
-        cancel = threading.Event()
-
-        def post(item: tuple[str, Any]) -> None:
-            with contextlib.suppress(RuntimeError):  # loop already closed
-                loop.call_soon_threadsafe(queue.put_nowait, item)
-
-        def worker() -> None:
-            try:
-                for delta in self._run_turn(plan, cancel):
-                    post(("delta", delta))
-            except BaseException as error:  # handed to the consumer
-                post(("error", error))
-            else:
-                post(("done", None))
-
-        future = loop.run_in_executor(None, worker)
+        call = await asyncio.to_thread(self._plan, messages, stop, run_manager, kwargs)
+        events = call.core.arun_plan(call.plan)
         try:
-            while True:
-                kind, value = await queue.get()
-                if kind == "delta":
-                    yield value
-                elif kind == "error":
-                    raise value
-                else:
-                    break
-            await future
+            async for event in events:
+                for chunk in self._chunks(call, event):
+                    if run_manager is not None:
+                        await run_manager.on_llm_new_token(chunk.text, chunk=chunk)
+                    yield chunk
         finally:
-            cancel.set()  # stops the worker at its next token if we were abandoned
+            await events.aclose()
+        if call.finish is not None:
+            await tracing.aemit_trace_events(run_manager, self._trace_events(call))
 
     # ------------------------------------------------------------------ tools
     def bind_tools(
@@ -1137,7 +729,9 @@ class ChatInfLLM(BaseChatModel):
         """
         formatted = _format_tools(tools)
         names = [t["function"]["name"] for t in formatted]
-        choice = _normalize_tool_choice(tool_choice, names)
+        choice = _core_tool_choice(tool_choice, names)
+        if choice == "required":
+            choice = "any"  # LangChain's word for it
         if choice is not None:
             kwargs["tool_choice"] = choice
         return super().bind(tools=formatted, **kwargs)
@@ -1203,29 +797,6 @@ class ChatInfLLM(BaseChatModel):
         return RunnableLambda(run, afunc=arun, name="ChatInfLLMStructuredOutput")
 
 
-@dataclass
-class _StreamState:
-    text: str = ""
-    tool_calls: list[ToolCall] = field(default_factory=list)
-    invalid_tool_calls: list[InvalidToolCall] = field(default_factory=list)
-    next_index: int = 0
-    prefill_fed: bool = False
-
-
-def _args_opening(tool: Mapping[str, Any]) -> str:
-    """Start of the arguments object for a forced call of ``tool``.
-
-    Opening the object (and its first key when one is required) keeps small models from
-    writing a bare value where an object belongs.
-    """
-    params = tool.get("function", {}).get("parameters") or {}
-    if params.get("required"):
-        return '{"'
-    if params.get("properties"):
-        return "{"
-    return "{}"
-
-
 def _structured_checker(
     schema: dict[str, Any] | type, *, include_raw: bool
 ) -> Callable[[Any], Any]:
@@ -1255,4 +826,4 @@ def _structured_checker(
     return check
 
 
-__all__ = ["ChatInfLLM", "clear_engine_registry", "shared_engine"]
+__all__ = ["ChatInfLLM", "clear_engine_registry", "core_for", "shared_engine"]

@@ -11,25 +11,34 @@ Session choice, first match wins:
 
 Choosing "wrong" is never incorrect, only slower: every call syncs the session to the
 rendered prompt, which keeps the longest common prefix and computes the rest.
+
+The token store is the chat core's (``chat_core.tokens``); it takes AIMessages as well
+as message dicts.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import threading
-import weakref
-from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
 from langchain_core.messages import AIMessage
 
+from langchain_infllm.chat_core.tokens import GeneratedTokenStore, as_message_dict, fingerprint
+from langchain_infllm.chat_core.tokens import token_store_for as token_store_for
+
+__all__ = [
+    "DEFAULT_SESSION_ID",
+    "THREAD_SESSION_PREFIX",
+    "GeneratedTokenStore",
+    "choose_session_id",
+    "message_fingerprint",
+    "session_key_from_config",
+    "thread_session_key",
+    "token_store_for",
+]
+
 DEFAULT_SESSION_ID = "default"
 THREAD_SESSION_PREFIX = "thread:"
-
-
-# ----------------------------------------------------------------------------- sessions
 
 
 def _node_path(checkpoint_ns: str) -> str:
@@ -82,79 +91,6 @@ def choose_session_id(
     return DEFAULT_SESSION_ID
 
 
-# ----------------------------------------------------------------------------- tokens
-
-
 def message_fingerprint(message: AIMessage) -> str:
-    """What a chat template can see of an AIMessage: its text and its tool calls.
-
-    Used to check that a message which comes back under a known id still says what was
-    generated (an edited message must be re-rendered, not spliced).
-    """
-    calls = [[call.get("name") or "", call.get("args") or {}] for call in message.tool_calls]
-    invalid = [
-        [call.get("name") or "", call.get("args") or ""] for call in message.invalid_tool_calls
-    ]
-    payload = json.dumps(
-        [message.text.strip(), calls, invalid], sort_keys=True, ensure_ascii=False, default=str
-    )
-    return hashlib.sha256(payload.encode()).hexdigest()
-
-
-class GeneratedTokenStore:
-    """Exact ids generated for assistant messages, by message id (LRU-bounded).
-
-    A second index by fingerprint covers messages that come back without their id
-    (callers that rebuild messages from text); any entry with the same visible content
-    is a faithful encoding of that message.
-    """
-
-    def __init__(self, max_messages: int = 20_000) -> None:
-        self.max_messages = max_messages
-        self._by_id: OrderedDict[str, tuple[str, tuple[int, ...]]] = OrderedDict()
-        self._by_fingerprint: OrderedDict[str, tuple[int, ...]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def __len__(self) -> int:
-        return len(self._by_id)
-
-    def remember(self, message: AIMessage, token_ids: Sequence[int]) -> None:
-        ids = tuple(int(t) for t in token_ids)
-        if not ids:
-            return
-        fingerprint = message_fingerprint(message)
-        with self._lock:
-            if message.id:
-                self._by_id[message.id] = (fingerprint, ids)
-                self._by_id.move_to_end(message.id)
-            self._by_fingerprint[fingerprint] = ids
-            self._by_fingerprint.move_to_end(fingerprint)
-            while len(self._by_id) > self.max_messages:
-                self._by_id.popitem(last=False)
-            while len(self._by_fingerprint) > self.max_messages:
-                self._by_fingerprint.popitem(last=False)
-
-    def lookup(self, message: AIMessage) -> tuple[int, ...] | None:
-        fingerprint = message_fingerprint(message)
-        with self._lock:
-            if message.id and message.id in self._by_id:
-                stored_fingerprint, ids = self._by_id[message.id]
-                if stored_fingerprint == fingerprint:
-                    self._by_id.move_to_end(message.id)
-                    return ids
-                return None  # edited since it was generated: re-render it
-            return self._by_fingerprint.get(fingerprint)
-
-
-_STORES: weakref.WeakKeyDictionary[Any, GeneratedTokenStore] = weakref.WeakKeyDictionary()
-_STORES_LOCK = threading.Lock()
-
-
-def token_store_for(engine: Any) -> GeneratedTokenStore:
-    """The store shared by every chat model on ``engine`` (sessions live in the engine)."""
-    with _STORES_LOCK:
-        store = _STORES.get(engine)
-        if store is None:
-            store = GeneratedTokenStore()
-            _STORES[engine] = store
-        return store
+    """What a chat template can see of an AIMessage: its text and its tool calls."""
+    return fingerprint(as_message_dict(message))

@@ -16,7 +16,29 @@ from typing import Any
 
 from langchain_infllm.chat_core.messages import content_text
 
-__all__ = ["GeneratedTokenStore", "fingerprint", "token_store_for"]
+__all__ = ["GeneratedTokenStore", "as_message_dict", "fingerprint", "token_store_for"]
+
+
+def as_message_dict(message: Any) -> Mapping[str, Any]:
+    """An assistant message as a dict: dicts as they are; objects shaped like
+    LangChain's ``AIMessage`` (``content``, ``tool_calls``, ``invalid_tool_calls``,
+    ``id``) read by attribute, so front ends need no conversion (and this no import)."""
+    if isinstance(message, Mapping):
+        return message
+    try:
+        text = content_text(getattr(message, "content", ""), index=0, role="assistant")
+    except ValueError:
+        text = str(getattr(message, "text", ""))
+    return {
+        "role": "assistant",
+        "content": text,
+        "id": getattr(message, "id", None),
+        "tool_calls": [
+            {"function": {"name": c.get("name") or "", "arguments": c.get("args") or {}}}
+            for c in getattr(message, "tool_calls", None) or []
+        ],
+        "invalid_tool_calls": [dict(c) for c in getattr(message, "invalid_tool_calls", None) or []],
+    }
 
 
 def fingerprint(message: Mapping[str, Any]) -> str:
@@ -63,15 +85,11 @@ class GeneratedTokenStore:
     def __len__(self) -> int:
         return len(self._by_id)
 
-    def _as_dict(self, message: Any) -> Mapping[str, Any]:
-        """Hook for front ends whose messages are not dicts (ChatInfLLM's AIMessage)."""
-        return message  # type: ignore[no-any-return]
-
     def remember(self, message: Any, token_ids: Sequence[int]) -> None:
         ids = tuple(int(t) for t in token_ids)
         if not ids:
             return
-        d = self._as_dict(message)
+        d = as_message_dict(message)
         key = fingerprint(d)
         message_id = d.get("id")
         with self._lock:
@@ -86,7 +104,7 @@ class GeneratedTokenStore:
                 self._by_fingerprint.popitem(last=False)
 
     def lookup(self, message: Any) -> tuple[int, ...] | None:
-        d = self._as_dict(message)
+        d = as_message_dict(message)
         key = fingerprint(d)
         message_id = d.get("id")
         with self._lock:

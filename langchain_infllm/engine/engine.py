@@ -18,13 +18,13 @@ from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
 from langchain_infllm.config import InfLLMConfig
+from langchain_infllm.engine import persistence
 from langchain_infllm.engine.architectures import check_supported, layer_shape
 from langchain_infllm.engine.attention import ATTENTION_NAME, infllm_attention_forward
 from langchain_infllm.engine.block_cache import DeviceBlockCache
 from langchain_infllm.engine.budget import check_device_fit, estimate_device_budget
 from langchain_infllm.engine.host_memory import limit_heap_fragmentation
 from langchain_infllm.engine.memory import LayerMemory
-from langchain_infllm.engine.persistence import load_session
 from langchain_infllm.engine.retrieval import selects_per_head
 from langchain_infllm.engine.rope import RotaryTable
 from langchain_infllm.engine.session import Session
@@ -157,7 +157,7 @@ class InfLLMEngine:
 
     def load_session(self, path: str | Path, session_id: str | None = None) -> Session:
         """Load a session saved with `Session.save`; verifies model and config identity."""
-        session = load_session(self, Path(path), session_id, Session)
+        session = persistence.load_session(self, Path(path), session_id, Session)
         if session_id is not None:
             self.sessions.put(session)
         return session

@@ -22,9 +22,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from tenacity import RetryError, Retrying, retry_if_exception_type, stop_after_attempt
 
+from langchain_infllm.engine import persistence
 from langchain_infllm.engine.attention import InfLLMForwardContext
 from langchain_infllm.engine.memory import LayerMemory
-from langchain_infllm.engine.persistence import SessionFileError, load_session, save_session
+from langchain_infllm.engine.persistence import SessionFileError
 from langchain_infllm.engine.records import RetrievalRecord, StepResult
 from langchain_infllm.engine.sampling import (
     check_seed,
@@ -312,7 +313,7 @@ class Session:
         """Write a snapshot (safetensors + JSON manifest) atomically; returns the folder."""
         with self.lock:
             self.ensure_resident()
-            return save_session(self, Path(path))
+            return persistence.save_session(self, Path(path))
 
     # ------------------------------------------------------------- spilling
     def spill_to(self, path: Path) -> None:
@@ -347,7 +348,7 @@ class Session:
             if path is None:
                 return
             try:
-                loaded = load_session(self.engine, path, self.session_id, Session)
+                loaded = persistence.load_session(self.engine, path, self.session_id, Session)
                 if loaded.token_ids != self._tokens:
                     raise SessionFileError(
                         f"{path}: spill snapshot of session {self.session_id!r} holds "
