@@ -22,7 +22,7 @@ from langchain_core.messages import (
     convert_to_openai_messages,
 )
 
-from langchain_infllm.chat_core.messages import PromptError
+from langchain_infllm.chat_core.messages import PromptError, content_text
 from langchain_infllm.chat_core.prompt import CODE_BASE, ESC, RenderedPrompt, TokenLookup
 from langchain_infllm.chat_core.prompt import PromptRenderer as _CorePromptRenderer
 
@@ -41,6 +41,13 @@ _SUPPORTED = (SystemMessage, HumanMessage, AIMessage, ToolMessage, ChatMessage)
 _CHAT_ROLES = {"user", "human", "assistant", "ai", "system", "developer"}
 
 
+def _role(message: BaseMessage) -> str:
+    if isinstance(message, ChatMessage):
+        role = message.role.lower()
+        return {"human": "user", "ai": "assistant", "developer": "system"}.get(role, role)
+    return {"human": "user", "ai": "assistant"}.get(message.type, message.type)
+
+
 def message_to_dict(message: BaseMessage, index: int = 0) -> dict[str, Any]:
     """One LangChain message as an OpenAI-shaped dict the chat core accepts."""
     if not isinstance(message, _SUPPORTED):
@@ -53,6 +60,8 @@ def message_to_dict(message: BaseMessage, index: int = 0) -> dict[str, Any]:
             f"message {index}: unknown role {message.role!r}; supported roles are "
             "'system', 'user', 'assistant' (use ToolMessage for tool results)"
         )
+    # Checked on the original blocks: the conversion renames some (image -> image_url).
+    content_text(message.content, index=index, role=_role(message))
     try:
         converted = convert_to_openai_messages(message)
     except Exception as error:  # content blocks of a shape LangChain cannot convert

@@ -333,7 +333,6 @@ class ChatCore:
                         shown.append(piece)
                         yield TextDelta(piece)
 
-            yield from visible(plan.prefill_text)
             for delta in self._generate(turn, session, cancel):
                 yield from visible(delta)
             if parser is not None:
@@ -424,6 +423,8 @@ class ChatCore:
         turn.prefill_seconds = time.perf_counter() - began
         turn.reused = int(step.reused_tokens)
         turn.computed = len(plan.input_ids) - turn.reused
+        if plan.prefill_text:  # final now (a scored choice is made above)
+            yield plan.prefill_text
         detok = Detokenizer(self.engine.tokenizer)
         stop_ids = set(plan.stop_token_ids)
         hold = max((len(s) for s in plan.stop), default=1) - 1
