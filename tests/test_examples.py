@@ -50,6 +50,7 @@ def test_every_example_is_tested() -> None:
         "structured_output.py",
         "save_and_resume.py",
         "langgraph_checkpointer.py",
+        "serve_openai_client.py",
     }
     assert {p.name for p in EXAMPLES.glob("*.py")} == tested
     for path in EXAMPLES.glob("*.py"):
@@ -122,3 +123,14 @@ def test_langgraph_checkpointer() -> None:
     # Each thread's second turn reused all of its own first turn, though the other ran since.
     assert int(a2[3]) >= int(a1_ctx) - 1 and int(b2[3]) >= int(b1_ctx) - 1, out
     assert a2[2] == b2[2] == "4"  # the checkpointer kept both histories
+
+
+def test_serve_openai_client() -> None:
+    out = run_example("serve_openai_client.py", *SMOL, "--max-tokens", "8")
+    found = re.search(r"second turn: prompt_tokens=(\d+) cached_tokens=(\d+)", out)
+    assert found is not None, out
+    prompt, cached = int(found[1]), int(found[2])
+    assert 0 < cached < prompt, out  # the second turn of the session reused the first
+    info = json.loads(out[out.index("infllm:") + len("infllm:") :].splitlines()[0])
+    assert info["session_id"] == "demo" and info["tokens_reused"] == cached
+    assert "ChatOpenAI:" in out, out
