@@ -248,6 +248,48 @@ async def http_round_trip(url: str, n: int = 200) -> dict[str, float]:
     }
 
 
+PROBE = [{"role": "user", "content": "Reply with one word: ready?"}]
+
+
+def probe_in_process(core: Any, params: Any, n: int) -> list[float]:
+    """The same one-token request again and again: almost no engine work, so in-process
+    vs HTTP latency of this request is the hop (JSON, SSE, sockets, event loop)."""
+    times = []
+    for _ in range(n + 1):
+        began = time.perf_counter()
+        for _event in core.run(PROBE, params=params, session_id="probe"):
+            pass
+        times.append(time.perf_counter() - began)
+    return times[1:]  # the first one computes the prompt
+
+
+def probe_server(base_url: str, model: str, n: int, stream: bool) -> list[float]:
+    import openai
+
+    client: Any = openai.OpenAI(base_url=base_url, api_key="bench", max_retries=0)
+    times = []
+    for _ in range(n + 1):
+        began = time.perf_counter()
+        reply = client.chat.completions.create(
+            model=model,
+            messages=PROBE,
+            max_tokens=1,
+            temperature=0,
+            stream=stream,
+            extra_headers={"X-Session-Id": "probe"},
+        )
+        if stream:
+            for _chunk in reply:
+                pass
+        times.append(time.perf_counter() - began)
+    client.close()
+    return times[1:]
+
+
+def ms(values: list[float]) -> float:
+    return round(1000 * statistics.median(values), 2)
+
+
 @contextmanager
 def server_process(
     model: str, config: str, port: int, threads: int, max_tokens: int
@@ -328,10 +370,15 @@ def markdown(payload: dict[str, Any]) -> str:
     hop = payload["http_hop"]
     lines += [
         "",
-        f"HTTP hop: `GET /health` round trip median {hop.get('health_round_trip_median_ms')} ms "
-        f"(p90 {hop.get('health_round_trip_p90_ms')} ms); at 1 session, server minus ChatCore "
+        "HTTP hop: the same one-token request repeated (almost no engine work), median "
+        f"{hop.get('one_token_request_in_process_ms')} ms in process (ChatCore.run) vs "
+        f"{hop.get('one_token_request_server_ms')} ms over HTTP "
+        f"({hop.get('one_token_request_server_stream_ms')} ms streamed): the hop costs "
+        f"{hop.get('one_token_request_hop_ms')} ms per request. `GET /health` round trip "
+        f"median {hop.get('health_round_trip_median_ms')} ms (p90 "
+        f"{hop.get('health_round_trip_p90_ms')} ms). At 1 session, server minus ChatCore: "
         f"TTFT median {hop.get('ttft_delta_1_session_ms')} ms, latency median "
-        f"{hop.get('latency_delta_1_session_ms')} ms.",
+        f"{hop.get('latency_delta_1_session_ms')} ms (noise of a shared machine included).",
         "",
         "One engine serialises the model's forward passes, so more sessions share one "
         "throughput; what concurrency buys is that one session's observation is computed "
@@ -354,8 +401,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--modes", nargs="+", default=["chat_core", "chat_infllm", "server"])
     parser.add_argument("--name", default="serve")
+    parser.add_argument("--probes", type=int, default=20, help="one-token requests per hop probe")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
     import torch
 
@@ -370,6 +419,8 @@ def main(argv: list[str] | None = None) -> None:
         params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
         if "chat_core" in args.modes or "chat_infllm" in args.modes:
             core = ChatCore.from_model(args.model, args.config)
+            probe = GenerationParams(max_tokens=1, temperature=0.0)
+            in_process_probe = probe_in_process(core, probe, args.probes)  # also a warm-up
             if "chat_core" in args.modes:
                 for n in args.concurrency:
                     wall, reqs = run_threads(
@@ -394,12 +445,20 @@ def main(argv: list[str] | None = None) -> None:
                     logger.info("%s", rows[-1])
             del core
         hop: dict[str, Any] = {}
+        if "chat_core" in args.modes or "chat_infllm" in args.modes:
+            hop["one_token_request_in_process_ms"] = ms(in_process_probe)
         if "server" in args.modes:
             port = args.port or free_port()
             with server_process(
                 args.model, args.config, port, args.threads, args.max_tokens
             ) as url:
                 hop.update(asyncio.run(http_round_trip(url)))
+                hop["one_token_request_server_ms"] = ms(
+                    probe_server(f"{url}/v1", args.model, args.probes, stream=False)
+                )
+                hop["one_token_request_server_stream_ms"] = ms(
+                    probe_server(f"{url}/v1", args.model, args.probes, stream=True)
+                )
                 for n in args.concurrency:
                     wall, reqs = asyncio.run(
                         server_agents(
@@ -414,6 +473,10 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     rows.append(summarise("server", n, wall, reqs))
                     logger.info("%s", rows[-1])
+        if "one_token_request_in_process_ms" in hop and "one_token_request_server_ms" in hop:
+            hop["one_token_request_hop_ms"] = round(
+                hop["one_token_request_server_ms"] - hop["one_token_request_in_process_ms"], 2
+            )
         by = {(r["mode"], r["sessions"]): r for r in rows if "error" not in r}
         if ("server", 1) in by and ("chat_core", 1) in by:
             s, c = by[("server", 1)], by[("chat_core", 1)]
