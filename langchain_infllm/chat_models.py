@@ -374,7 +374,9 @@ class ChatInfLLM(BaseChatModel):
     # ------------------------------------------------------------------ tokens
     def get_token_ids(self, text: str) -> list[int]:
         """Ids of ``text`` under the model's tokenizer (no special tokens added)."""
-        return list(self.get_core().engine.tokenizer.encode(text, add_special_tokens=False))
+        return list(
+            cast(Any, self.get_core().engine.tokenizer).encode(text, add_special_tokens=False)
+        )
 
     def get_num_tokens_from_messages(
         self,
@@ -579,7 +581,7 @@ class ChatInfLLM(BaseChatModel):
         if level == "off" or retrieval is None:
             return []
         summary = retrieval.summary
-        tokenizer = engine.tokenizer
+        tokenizer = cast(Any, engine.tokenizer)
 
         def decode(ids: Sequence[int]) -> str:
             return str(tokenizer.decode(list(ids)))

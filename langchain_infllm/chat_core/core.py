@@ -9,7 +9,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Generator, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -194,7 +194,7 @@ class ChatCore:
         session_id: str | None = None,
         cancel: threading.Event | None = None,
         message_id: str | None = None,
-    ) -> Iterator[ChatEvent]:
+    ) -> Generator[ChatEvent, None, None]:
         """Run one turn; the request is checked now (``ValueError``), the turn as the
         iterator is consumed. Closing the iterator early leaves the session consistent."""
         plan = self.plan(
@@ -211,7 +211,7 @@ class ChatCore:
         session_id: str | None = None,
         cancel: threading.Event | None = None,
         message_id: str | None = None,
-    ) -> AsyncIterator[ChatEvent]:
+    ) -> AsyncGenerator[ChatEvent, None]:
         """``run`` without blocking the event loop: each step runs in a worker thread."""
         plan = await asyncio.to_thread(
             self.plan,
@@ -226,7 +226,7 @@ class ChatCore:
 
     async def arun_plan(
         self, plan: TurnPlan, cancel: threading.Event | None = None
-    ) -> AsyncIterator[ChatEvent]:
+    ) -> AsyncGenerator[ChatEvent, None]:
         """Step the sync turn one event at a time in worker threads. Nothing is held
         between events but the session's turn lock, so other sessions' turns go on."""
         stop = threading.Event()
@@ -250,7 +250,7 @@ class ChatCore:
 
     def run_plan(
         self, plan: TurnPlan, cancel: threading.Event | None = None
-    ) -> Iterator[ChatEvent]:
+    ) -> Generator[ChatEvent, None, None]:
         """The turn of a validated plan (see ``plan``)."""
         return self._events(_Turn(plan), cancel)
 
@@ -304,7 +304,9 @@ class ChatCore:
             self._busy.discard(sid)
         lock.release()
 
-    def _events(self, turn: _Turn, cancel: threading.Event | None) -> Iterator[ChatEvent]:
+    def _events(
+        self, turn: _Turn, cancel: threading.Event | None
+    ) -> Generator[ChatEvent, None, None]:
         # The session is chosen and locked at the first step, so an iterator that is
         # never started holds nothing.
         plan = turn.plan
@@ -316,7 +318,7 @@ class ChatCore:
             calls: list[ParsedCall] = []
             json_text: list[str] = []
 
-            def visible(delta: str) -> Iterator[ChatEvent]:
+            def visible(delta: str) -> Generator[ChatEvent, None, None]:
                 pieces: list[str] = []
                 if parser is None:
                     pieces = [delta] if delta else []
@@ -660,4 +662,4 @@ def _shared_renderer(engine: Any, stop_ids: Sequence[int]) -> PromptRenderer:
             renderer = PromptRenderer(engine.tokenizer, stop_ids)
             with contextlib.suppress(AttributeError):
                 engine._chat_core_renderer = renderer
-        return renderer  # type: ignore[no-any-return]
+        return renderer

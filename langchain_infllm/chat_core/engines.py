@@ -40,7 +40,7 @@ def torch_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
     key = _DTYPES.get(name.lower().removeprefix("torch."))
     if key is None:
         raise ValueError(f"dtype {name!r} is not one of bfloat16, float16, float32, auto")
-    return getattr(torch, key)  # type: ignore[no-any-return]
+    return getattr(torch, key)
 
 
 def resolve_config(config: str | Path | InfLLMConfig | None) -> InfLLMConfig:

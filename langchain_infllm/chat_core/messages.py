@@ -207,6 +207,7 @@ def normalize_tools(tools: Sequence[Mapping[str, Any]] | None) -> list[dict[str,
         params = function.get("parameters") if isinstance(function, Mapping) else None
         if params is not None and not isinstance(params, Mapping):
             raise ChatInputError(f"tools[{i}] ({name}): parameters must be a JSON schema object")
+        assert isinstance(function, Mapping)
         out.append({"type": "function", "function": dict(function)})
     return out
 
