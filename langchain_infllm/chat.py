@@ -1,12 +1,16 @@
 """Interactive terminal chat on a persistent InfLLM session.
 
-    python -m langchain_infllm.chat --model-path smollm2-135m-instruct \\
-        --inf-llm-config-path config/smollm2-cpu.yaml
+    python -m langchain_infllm.chat --model-path qwen2.5-coder-0.5b-instruct \\
+        --inf-llm-config-path config/cpu-small.yaml
 
 Replies stream as they are generated. The conversation lives in one engine session, so
 each turn computes only its new tokens; a status line after every reply says how many
 prompt tokens were reused and how many computed. Ctrl-C during a reply stops it (what
 was said so far stays in the conversation); Ctrl-D or ``/quit`` leaves.
+
+Sampling starts from the model's own ``generation_config`` (temperature, top_p,
+repetition penalty); a model that ships no repetition penalty gets
+:data:`CHAT_REPETITION_PENALTY`, so a small model does not loop on one sentence.
 
 Commands: ``/reset``, ``/save PATH``, ``/load PATH``, ``/stats``, ``/help``, ``/quit``.
 """
@@ -47,6 +51,9 @@ from langchain_infllm.engine.persistence import SessionFileError
 if TYPE_CHECKING:
     from langchain_infllm.chat_models import ChatInfLLM
     from langchain_infllm.engine import InfLLMEngine
+
+CHAT_REPETITION_PENALTY = 1.1
+"""Penalty for models whose generation config has none (HF's common chat value)."""
 
 logger = logging.getLogger(__name__)
 
@@ -419,7 +426,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="InfLLM YAML config (reference layout); default: built-in settings",
     )
     parser.add_argument("--max-tokens", type=int, default=512, help="most tokens per reply")
-    parser.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    parser.add_argument(
+        "--temperature", type=float, help="0 is greedy (default: the model's, else 0)"
+    )
+    parser.add_argument("--top-p", type=float, help="nucleus mass (default: the model's, else 1)")
+    parser.add_argument(
+        "--repetition-penalty",
+        type=float,
+        help=f"1 is off (default: the model's, else {CHAT_REPETITION_PENALTY})",
+    )
     parser.add_argument("--system", help="system prompt")
     parser.add_argument("--session-id", default=DEFAULT_SESSION_ID, help="engine session id")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: best available)")
@@ -452,7 +467,9 @@ def load_chat(args: argparse.Namespace) -> ChatInfLLM:
             model=model,
             infllm_config=config,
             max_tokens=args.max_tokens,
-            temperature=args.temperature,
+            temperature=0.0 if args.temperature is None else args.temperature,
+            top_p=1.0 if args.top_p is None else args.top_p,
+            repetition_penalty=args.repetition_penalty,
             session_id=args.session_id,
             device=args.device,
             dtype=args.dtype,
@@ -464,7 +481,24 @@ def load_chat(args: argparse.Namespace) -> ChatInfLLM:
     except Exception as exc:  # any loader failure becomes one readable line
         logger.debug("model load failed", exc_info=True)
         raise ChatCLIError(f"cannot load model {model!r}: {exc}") from None
-    return chat
+    return with_model_defaults(chat, args)
+
+
+def with_model_defaults(chat: ChatInfLLM, args: argparse.Namespace) -> ChatInfLLM:
+    """Options not given on the command line from the model's generation config."""
+    from langchain_infllm.engine.sampling import generation_defaults
+
+    defaults = generation_defaults(chat.get_engine().model)
+    update: dict[str, float] = {}
+    if getattr(args, "temperature", None) is None and "temperature" in defaults:
+        update["temperature"] = defaults["temperature"]
+    if getattr(args, "top_p", None) is None and "top_p" in defaults:
+        update["top_p"] = defaults["top_p"]
+    if getattr(args, "repetition_penalty", None) is None:
+        update["repetition_penalty"] = defaults.get("repetition_penalty", CHAT_REPETITION_PENALTY)
+    if update:
+        logger.info("sampling defaults: %s", update)
+    return chat.model_copy(update=update) if update else chat
 
 
 def _quiet_libraries() -> None:
