@@ -245,9 +245,12 @@ async def _sse_body(
         yield sse(exc.body())
     finally:
         release()
-        aclose = getattr(events, "aclose", None)
-        if aclose is not None:
-            await aclose()
+        # Closing the outer generators does not close the ones they iterate: close the
+        # backend's stream explicitly, which cancels the turn.
+        for gen in (chunks, events):
+            aclose = getattr(gen, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 def _model_card(name: str) -> dict[str, Any]:

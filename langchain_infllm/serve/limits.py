@@ -99,8 +99,9 @@ class BodyLimit:
                 try:
                     length = int(value)
                 except ValueError:
-                    length = -1
-                if length < 0 or length > self.max_bytes:
+                    await _reply(send, 400, error_body("invalid Content-Length header"))
+                    return
+                if length > self.max_bytes:
                     await _reply(
                         send,
                         413,

@@ -157,12 +157,6 @@ class ChatReplica:
     def health(self) -> dict[str, Any]:
         return {"replica": self.replica_id, "sessions": self.core.session_ids()}
 
-    def __del__(self) -> None:
-        try:
-            self.core.spill_all()
-        except Exception:
-            logger.debug("spill at replica shutdown failed", exc_info=True)
-
 
 class RayBackend:
     """The ingress's backend: jobs streamed from `ChatReplica`s through a Serve handle."""
