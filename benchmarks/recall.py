@@ -26,6 +26,7 @@ Writes ``benchmarks/results/recall.{json,csv,md,png}``.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
 import tempfile
@@ -191,7 +192,7 @@ def measure_question(
 
     `cut`: how many leading context tokens the method dropped (``truncate``).
     """
-    from langchain_infllm.engine.retrieval import score_blocks
+    from langchain_infllm.engine.retrieval import chunk_queries, score_blocks
 
     cfg = engine.config
     fact = _fact_blocks(q.fact_positions, cfg.n_init, cfg.block_size)
@@ -214,9 +215,10 @@ def measure_question(
     def observe(layer: int, start: int, q_mem: torch.Tensor, memory: Any) -> None:
         if not fact or memory.n_blocks <= max(fact):
             return
-        scores = score_blocks(memory.retrieval, q_mem.mean(dim=1), reprs=memory.reprs,
+        queries = chunk_queries(q_mem, memory.retrieval, cfg.query_group)
+        scores = score_blocks(memory.retrieval, queries, reprs=memory.reprs,
                               index_keys=memory.index_keys, kv_heads=memory.shape.kv_heads,
-                              block_size=memory.block_size)
+                              block_size=memory.block_size, neighbours=cfg.neighbours)
         order = scores.argsort(dim=1, descending=True)
         best = min(int((order == b).nonzero()[:, 1].min()) for b in fact)
         ranks.setdefault(layer, []).append(best)
@@ -309,6 +311,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engines = {m: InfLLMEngine(model, tokenizer, method_config(base_cfg, m, longest))
                for m in args.methods}
     total = len(cases) * len(args.methods)
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    progress = RESULTS_DIR / f"{args.out}.partial.jsonl"
+    progress.write_text("")
     with tqdm(total=total, desc="recall", unit="case") as bar:
         for case in cases:
             for method in args.methods:  # interleaved: every method sees the same load
@@ -334,6 +339,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "tokens": case.info["tokens"],
                                  "prefill_tok_s": round(len(prefix) / prefill, 1),
                                  **result})
+                    with progress.open("a") as f:  # rows survive an interrupted run
+                        f.write(json.dumps(rows[-1]) + "\n")
                 base.close()
                 bar.update(1)
     return {"machine": machine(), "args": vars(args), "config": base_cfg.model_dump(),

@@ -60,6 +60,18 @@ class InfLLMConfig(BaseModel):
         "block set per KV head; the default), 'maxmass' (the same on per-head log "
         "attention mass) or 'infllm' (the paper's representatives, one set per layer).",
     )
+    query_group: int = Field(
+        0,
+        ge=0,
+        description="Per-head methods: queries averaged into one retrieval query, each "
+        "block scored by its best match over them (0: one mean per chunk, as the paper).",
+    )
+    neighbours: int = Field(
+        0,
+        ge=0,
+        description="Per-head methods: a block also scores as its best neighbour within "
+        "this many blocks, so a hit brings the text around it.",
+    )
     fused_attention: bool = Field(
         True,
         description="Fused kernels merged by log-sum-exp where the retrieval method needs "

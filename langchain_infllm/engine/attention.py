@@ -28,6 +28,7 @@ from langchain_infllm.engine.fused import additive_bias, attention_with_lse, mer
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord
 from langchain_infllm.engine.retrieval import (
+    chunk_queries,
     needs_attention_mass,
     score_blocks,
     select_blocks,
@@ -58,6 +59,10 @@ class InfLLMForwardContext:
     """Visibility masks per chunk layout; every layer of one call shares them."""
     fused: bool = True
     """Use the fused kernels where the retrieval method needs no attention mass."""
+    query_group: int = 0
+    """Queries per retrieval query (`retrieval.chunk_queries`; 0: the chunk mean)."""
+    neighbours: int = 0
+    """Blocks on each side a hit lends its score to (`retrieval.score_blocks`)."""
     fused_masks: dict[tuple[int, ...], FusedMasks] = field(default_factory=dict)
 
 
@@ -148,11 +153,12 @@ def attend_chunk(
         selection = select_blocks(
             score_blocks(
                 memory.retrieval,
-                q_mem.mean(dim=1),
+                chunk_queries(q_mem, memory.retrieval, ctx.query_group),
                 reprs=memory.reprs,
                 index_keys=memory.index_keys,
                 kv_heads=kv_heads,
                 block_size=memory.block_size,
+                neighbours=ctx.neighbours,
             ),
             ctx.topk,
         )

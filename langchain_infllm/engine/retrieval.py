@@ -49,38 +49,71 @@ class Selection:
         return len(self.per_head) == 1
 
 
+def chunk_queries(q_mem: torch.Tensor, method: RetrievalMethod, group: int) -> torch.Tensor:
+    """The retrieval queries `[heads, m, d]` of one chunk's memory-side queries `[heads, c, d]`.
+
+    The paper scores with the chunk's mean query (``m = 1``). With `group` > 0 the
+    per-head methods average every `group` consecutive queries instead and score each
+    block by its best match over those means: a chunk mixes template tokens, names and
+    filler, and one mean over all of them points at none (`group` = 1 is every query).
+    """
+    if group <= 0 or method == "infllm" or q_mem.shape[1] <= group:
+        return q_mem.mean(dim=1, keepdim=True)
+    heads, c, d = q_mem.shape
+    full = c // group * group
+    parts = [q_mem[:, :full].reshape(heads, c // group, group, d).mean(dim=2)]
+    if full < c:
+        parts.append(q_mem[:, full:].mean(dim=1, keepdim=True))
+    return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
+
+
 def score_blocks(
     method: RetrievalMethod,
-    mean_q: torch.Tensor,
+    queries: torch.Tensor,
     *,
     reprs: torch.Tensor,
     index_keys: torch.Tensor | None,
     kv_heads: int,
     block_size: int,
+    neighbours: int = 0,
 ) -> torch.Tensor:
-    """Scores `[rows, n_blocks]` of every block for the chunk's mean query `[heads, d]`.
+    """Scores `[rows, n_blocks]` of every block for the retrieval queries.
 
+    `queries` is `[heads, d]` (one query per head) or `[heads, m, d]` (`chunk_queries`);
     `rows` is 1 for ``infllm`` (summed over heads) and `kv_heads` for ``maxkey``.
     `reprs` is `[n_blocks, heads, d]`; `index_keys` is `[kv_heads, n_blocks * block_size,
-    d]` (the sealed keys in position order), needed by ``maxkey``.
+    d]` (the sealed keys in position order), needed by ``maxkey``. With `neighbours` = n a
+    block scores the best of itself and the n blocks on each side, so a hit also brings
+    the text around it (a value and the words that name it often straddle a boundary).
     """
+    if queries.dim() == 2:
+        queries = queries[:, None]
     if method == "infllm":
-        q = mean_q.to(reprs.device, torch.float32)
-        return torch.einsum("nhd,hd->n", reprs.to(torch.float32), q)[None]
-    if method in ("maxkey", "maxmass"):
+        q = queries.mean(dim=1).to(reprs.device, torch.float32)
+        scores = torch.einsum("nhd,hd->n", reprs.to(torch.float32), q)[None]
+    elif method in ("maxkey", "maxmass"):
         if index_keys is None:
             raise ValueError(f"{method} retrieval needs the index of sealed keys")
-        heads, d = mean_q.shape
-        groups = heads // kv_heads
+        heads, m, d = queries.shape
         n_blocks = index_keys.shape[1] // block_size
-        q = mean_q.to(index_keys.device, index_keys.dtype).view(kv_heads, groups, d)
+        # Head h = g * groups + j, so the heads of KV head g and their m queries are one row.
+        q = queries.to(index_keys.device, index_keys.dtype)
+        q = q.reshape(kv_heads, heads // kv_heads * m, d)
         # keys @ q^T, not q @ keys^T: the index is a view of a larger buffer, and only
         # this orientation runs without copying it first (10x faster on CPU).
-        dots = torch.bmm(index_keys, q.transpose(1, 2)).to(torch.float32)  # [kvh, tokens, g]
+        dots = torch.bmm(index_keys, q.transpose(1, 2)).to(torch.float32)  # [kvh, tokens, g*m]
         if method == "maxmass":
             dots = dots - dots.logsumexp(dim=1, keepdim=True)
-        return dots.amax(dim=2).view(kv_heads, n_blocks, block_size).amax(dim=2)
-    raise ValueError(f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}")
+        scores = dots.amax(dim=2).view(kv_heads, n_blocks, block_size).amax(dim=2)
+    else:
+        raise ValueError(
+            f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}"
+        )
+    if neighbours > 0 and scores.shape[1] > 1:
+        scores = torch.nn.functional.max_pool1d(
+            scores[:, None], 2 * neighbours + 1, stride=1, padding=neighbours
+        )[:, 0]
+    return scores
 
 
 def select_blocks(scores: torch.Tensor, topk: int) -> Selection:
