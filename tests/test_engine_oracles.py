@@ -80,18 +80,22 @@ def test_long_context_matches_dense_oracle_with_all_blocks(
     assert session.n_blocks == (171 - 32 + 1 - 4) // 8
 
 
-@pytest.mark.parametrize("retrieval", RETRIEVAL_METHODS)
+@pytest.mark.parametrize(
+    ("retrieval", "options"),
+    [*((m, {}) for m in RETRIEVAL_METHODS), ("maxkey", {"query_group": 2, "neighbours": 1})],
+    ids=[*RETRIEVAL_METHODS, "maxkey-groups-neighbours"],
+)
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama31"])
 @pytest.mark.parametrize("topk", [0, 1, 3])
 def test_long_context_matches_oracle_restricted_to_selection(
-    arch: str, topk: int, retrieval: str
+    arch: str, topk: int, retrieval: str, options: dict[str, int]
 ) -> None:
     """The engine equals dense attention restricted to the blocks it reports it attended:
     one set per layer (the paper's faithful mode) or each KV head's own set."""
     model, reference = tiny_pair(arch, seed=topk)
     config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=4,
                           repr_topk=2, exc_block_size=7, chunk_size=19, trace="full",
-                          retrieval=retrieval)  # type: ignore[arg-type]
+                          retrieval=retrieval, **options)  # type: ignore[arg-type]
     engine = InfLLMEngine(model, None, config)
     rng = random.Random(100 + topk)
     ids = [rng.randrange(97) for _ in range(157)]

@@ -12,7 +12,12 @@ import torch
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.engine.memory import LayerMemory, LayerShape
-from langchain_infllm.engine.retrieval import RETRIEVAL_METHODS, score_blocks, select_blocks
+from langchain_infllm.engine.retrieval import (
+    RETRIEVAL_METHODS,
+    chunk_queries,
+    score_blocks,
+    select_blocks,
+)
 from tests.dense_oracle import dense_oracle_logits
 from tests.test_engine_oracles import ATOL, _exec_chunks, _pieces
 from tests.tiny_models import tiny_pair
@@ -70,6 +75,39 @@ def test_scores_equal_brute_force(method: str, seed: int) -> None:
     got = score_blocks(method, mean_q, reprs=memory.reprs,  # type: ignore[arg-type]
                        index_keys=memory.index_keys, kv_heads=kv_heads, block_size=8)
     torch.testing.assert_close(got, _brute_force(method, memory, mean_q), atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", PER_HEAD)
+@pytest.mark.parametrize("seed", range(4))
+def test_query_groups_and_neighbours_equal_brute_force(method: str, seed: int) -> None:
+    """Sub-chunk mean queries (best match over them) and neighbour dilation, against
+    loops: group means by hand, the brute-force scorer per mean, max over means, then
+    each block the max of the blocks within `neighbours` of it."""
+    rng = random.Random(100 + seed)
+    kv_heads = rng.choice([1, 2])
+    shape = LayerShape(heads=kv_heads * rng.choice([1, 3]), kv_heads=kv_heads, head_dim=4)
+    memory = _random_memory(seed, method, rng.randint(2, 9), shape)
+    c, group, neighbours = rng.randint(1, 11), rng.randint(1, 4), rng.randint(0, 2)
+    q_mem = torch.randn(shape.heads, c, shape.head_dim,
+                        generator=torch.Generator().manual_seed(seed))
+    queries = chunk_queries(q_mem, method, group)  # type: ignore[arg-type]
+    got = score_blocks(method, queries, reprs=memory.reprs,  # type: ignore[arg-type]
+                       index_keys=memory.index_keys, kv_heads=kv_heads, block_size=8,
+                       neighbours=neighbours)
+    spans = [(a, min(c, a + group)) for a in range(0, c, group)] if c > group else [(0, c)]
+    per_mean = torch.stack([_brute_force(method, memory, q_mem[:, a:b].mean(dim=1))
+                            for a, b in spans]).amax(dim=0)
+    n = memory.n_blocks
+    want = torch.tensor([[max(float(per_mean[r, j])
+                              for j in range(max(0, b - neighbours), min(n, b + neighbours + 1)))
+                          for b in range(n)] for r in range(per_mean.shape[0])])
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_paper_method_ignores_query_groups() -> None:
+    """The paper's scoring keeps the chunk mean whatever `query_group` says."""
+    q_mem = torch.randn(4, 9, 8, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(chunk_queries(q_mem, "infllm", 2), q_mem.mean(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize("seed", range(6))
