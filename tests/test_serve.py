@@ -17,6 +17,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import AsyncIterator, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ class ScriptedBackend:
         self.gate: threading.Event | None = None  # when set, jobs wait on it
         self.started = threading.Event()
         self.fail: Exception | None = None
+        self.delay = 0.0
+        self.completed = 0
+        self.closed_streams = 0
 
     async def stream(self, job: Mapping[str, Any]) -> AsyncIterator[dict[str, Any]]:
         self.jobs.append(job)
@@ -56,8 +60,14 @@ class ScriptedBackend:
         self.started.set()
         if self.gate is not None:
             await asyncio.to_thread(self.gate.wait, 30)
-        for event in self.events:
-            yield dict(event)
+        try:
+            for event in self.events:
+                if self.delay:
+                    await asyncio.sleep(self.delay)
+                yield dict(event)
+            self.completed += 1
+        finally:
+            self.closed_streams += 1
 
     async def aclose(self) -> None:
         self.closed = True
@@ -346,6 +356,23 @@ def test_concurrent_session_limit(server: BackgroundServer, scripted: ScriptedBa
     client(server).chat.completions.create(model="scripted", messages=HELLO)
 
 
+def test_client_going_away_closes_the_job(
+    server: BackgroundServer, scripted: ScriptedBackend
+) -> None:
+    scripted.events = text_reply(" ".join(["word"] * 200), 5, 0)
+    scripted.delay = 0.02
+    url = f"{server.base_url}/chat/completions"
+    with httpx.stream("POST", url, json={"messages": HELLO, "stream": True}) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    deadline = time.monotonic() + 10
+    while scripted.closed_streams == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert scripted.closed_streams == 1 and scripted.completed == 0  # stopped, not finished
+    # ... and its session slot came back.
+    client(server).chat.completions.create(model="scripted", messages=HELLO)
+
+
 def test_shutdown_closes_the_backend() -> None:
     backend = ScriptedBackend()
     with BackgroundServer(create_app(backend)):
@@ -578,3 +605,60 @@ def test_create_agent_over_http_reuses_each_previous_step(qwen_server: Backgroun
         assert before is not None and now is not None
         # Every step reused the whole previous prompt (the agent re-sends its history).
         assert now["input_token_details"]["cache_read"] >= before["input_tokens"], usage
+
+
+@pytest.mark.real_model
+def test_cli_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
+    """``python -m langchain_infllm.serve`` as documented; SIGTERM spills and exits 0."""
+    import os
+    import signal
+
+    from langchain_infllm.serve.background import free_port
+
+    port = free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "INFLLM_API_KEY": "k"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "langchain_infllm.serve",
+            "--model",
+            "smollm2-135m-instruct",
+            "--config",
+            str(ROOT / "config/smollm2-cpu.yaml"),
+            "--port",
+            str(port),
+            "--max-tokens",
+            "4",
+            "--threads",
+            "1",
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, proc.communicate()[0]
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.5)
+        sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0)
+        reply = sdk.chat.completions.create(
+            model="smollm2-135m-instruct", messages=HELLO, extra_headers={"X-Session-Id": "cli"}
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens <= 4
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=sdk.base_url, api_key="bad", max_retries=0).models.list()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "session cli spilled" in out, out[-3000:]
