@@ -609,7 +609,7 @@ def test_create_agent_over_http_reuses_each_previous_step(qwen_server: Backgroun
 
 @pytest.mark.real_model
 def test_cli_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
-    """``python -m langchain_infllm.serve`` as documented; SIGTERM spills and exits 0."""
+    """``python -m langchain_infllm.serve`` as documented; SIGTERM spills the sessions."""
     import os
     import signal
 
@@ -660,5 +660,6 @@ def test_cli_serves_and_shuts_down_cleanly(tmp_path: Path) -> None:
     finally:
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
-    assert proc.returncode == 0, out
-    assert "session cli spilled" in out, out[-3000:]
+    # uvicorn finishes its shutdown, then re-raises the signal it caught (exit -15).
+    assert proc.returncode in (0, -signal.SIGTERM), out
+    assert "session cli spilled" in out and "Application shutdown complete" in out, out[-3000:]
