@@ -286,6 +286,30 @@ def probe_server(base_url: str, model: str, n: int, stream: bool) -> list[float]
     return times[1:]
 
 
+def paired_probes(core: Any, params: Any, base_url: str, model: str, n: int) -> dict[str, Any]:
+    """In process and over HTTP, alternately, on one engine each: the same conditions
+    (machine load included) for both, so the median difference is the hop."""
+    local, remote, streamed = [], [], []
+    probe_in_process(core, params, 1)
+    probe_server(base_url, model, 1, stream=False)
+    for _ in range(n):
+        local += probe_in_process(core, params, 1)
+        remote += probe_server(base_url, model, 1, stream=False)
+        streamed += probe_server(base_url, model, 1, stream=True)
+    return {
+        "one_token_request_in_process_ms": ms(local),
+        "one_token_request_server_ms": ms(remote),
+        "one_token_request_server_stream_ms": ms(streamed),
+        "one_token_request_hop_ms": round(
+            1000 * statistics.median(r - c for r, c in zip(remote, local, strict=True)), 2
+        ),
+        "one_token_request_hop_stream_ms": round(
+            1000 * statistics.median(r - c for r, c in zip(streamed, local, strict=True)), 2
+        ),
+        "probes": n,
+    }
+
+
 def ms(values: list[float]) -> float:
     return round(1000 * statistics.median(values), 2)
 
@@ -370,11 +394,13 @@ def markdown(payload: dict[str, Any]) -> str:
     hop = payload["http_hop"]
     lines += [
         "",
-        "HTTP hop: the same one-token request repeated (almost no engine work), median "
-        f"{hop.get('one_token_request_in_process_ms')} ms in process (ChatCore.run) vs "
+        "HTTP hop: the same one-token request, in process (ChatCore.run) and over HTTP in "
+        f"alternation ({hop.get('probes')} pairs): median "
+        f"{hop.get('one_token_request_in_process_ms')} ms in process vs "
         f"{hop.get('one_token_request_server_ms')} ms over HTTP "
-        f"({hop.get('one_token_request_server_stream_ms')} ms streamed): the hop costs "
-        f"{hop.get('one_token_request_hop_ms')} ms per request. `GET /health` round trip "
+        f"({hop.get('one_token_request_server_stream_ms')} ms streamed); median paired "
+        f"difference {hop.get('one_token_request_hop_ms')} ms "
+        f"({hop.get('one_token_request_hop_stream_ms')} ms streamed). `GET /health` round trip "
         f"median {hop.get('health_round_trip_median_ms')} ms (p90 "
         f"{hop.get('health_round_trip_p90_ms')} ms). At 1 session, server minus ChatCore: "
         f"TTFT median {hop.get('ttft_delta_1_session_ms')} ms, latency median "
@@ -399,7 +425,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--observation-words", type=int, default=40)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--modes", nargs="+", default=["chat_core", "chat_infllm", "server"])
+    parser.add_argument(
+        "--modes",
+        nargs="+",
+        default=["chat_core", "chat_infllm", "server"],
+        help="chat_core, chat_infllm, server; 'hop' alone measures only the HTTP hop",
+    )
     parser.add_argument("--name", default="serve")
     parser.add_argument("--probes", type=int, default=20, help="one-token requests per hop probe")
     args = parser.parse_args(argv)
@@ -417,10 +448,11 @@ def main(argv: list[str] | None = None) -> None:
         before = uptime()
         rows: list[dict[str, Any]] = []
         params = GenerationParams(max_tokens=args.max_tokens, temperature=0.0)
-        if "chat_core" in args.modes or "chat_infllm" in args.modes:
+        probe = GenerationParams(max_tokens=1, temperature=0.0)
+        core: Any = None
+        if {"chat_core", "chat_infllm", "hop"} & set(args.modes):
             core = ChatCore.from_model(args.model, args.config)
-            probe = GenerationParams(max_tokens=1, temperature=0.0)
-            in_process_probe = probe_in_process(core, probe, args.probes)  # also a warm-up
+            probe_in_process(core, probe, 3)  # warm-up
             if "chat_core" in args.modes:
                 for n in args.concurrency:
                     wall, reqs = run_threads(
@@ -443,23 +475,16 @@ def main(argv: list[str] | None = None) -> None:
                             {"mode": "chat_infllm", "sessions": n, "error": repr(exc)[:200]}
                         )
                     logger.info("%s", rows[-1])
-            del core
         hop: dict[str, Any] = {}
-        if "chat_core" in args.modes or "chat_infllm" in args.modes:
-            hop["one_token_request_in_process_ms"] = ms(in_process_probe)
-        if "server" in args.modes:
+        if {"server", "hop"} & set(args.modes):
             port = args.port or free_port()
             with server_process(
                 args.model, args.config, port, args.threads, args.max_tokens
             ) as url:
                 hop.update(asyncio.run(http_round_trip(url)))
-                hop["one_token_request_server_ms"] = ms(
-                    probe_server(f"{url}/v1", args.model, args.probes, stream=False)
-                )
-                hop["one_token_request_server_stream_ms"] = ms(
-                    probe_server(f"{url}/v1", args.model, args.probes, stream=True)
-                )
-                for n in args.concurrency:
+                if core is not None:
+                    hop.update(paired_probes(core, probe, f"{url}/v1", args.model, args.probes))
+                for n in args.concurrency if "server" in args.modes else ():
                     wall, reqs = asyncio.run(
                         server_agents(
                             f"{url}/v1",
@@ -473,10 +498,6 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     rows.append(summarise("server", n, wall, reqs))
                     logger.info("%s", rows[-1])
-        if "one_token_request_in_process_ms" in hop and "one_token_request_server_ms" in hop:
-            hop["one_token_request_hop_ms"] = round(
-                hop["one_token_request_server_ms"] - hop["one_token_request_in_process_ms"], 2
-            )
         by = {(r["mode"], r["sessions"]): r for r in rows if "error" not in r}
         if ("server", 1) in by and ("chat_core", 1) in by:
             s, c = by[("server", 1)], by[("chat_core", 1)]
