@@ -319,6 +319,21 @@ def test_arun_interleaves_sessions_and_matches_run(core: ChatCore) -> None:
         assert text(events) == expected  # greedy: same prompt, same text
 
 
+def test_many_aruns_on_one_session_run_one_after_another(core: ChatCore) -> None:
+    """More waiting turns than worker threads: none starves the turn holding the lock."""
+    params = GenerationParams(max_tokens=2)
+
+    async def one() -> list[ChatEvent]:
+        return [e async for e in core.arun(HELLO, params=params, session_id="same")]
+
+    async def many() -> list[list[ChatEvent]]:
+        return list(await asyncio.wait_for(asyncio.gather(*(one() for _ in range(12))), 120))
+
+    results = asyncio.run(many())
+    assert all(usage(events).completion_tokens == 2 for events in results)
+    assert core.session_ids() == ["same"]
+
+
 def test_repetition_penalty_changes_greedy_decoding(core: ChatCore) -> None:
     plain = list(core.run(HELLO, params=GenerationParams(max_tokens=12), session_id="r1"))
     penalized = list(

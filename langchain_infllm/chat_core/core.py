@@ -47,6 +47,9 @@ __all__ = ["ChatCore", "TooManySessionsError"]
 
 logger = logging.getLogger(__name__)
 
+TURN_POLL_SECONDS = 0.005
+"""How often ``arun`` retries the turn lock of a session busy with another turn."""
+
 DEFAULT_PARAMS = GenerationParams()
 """Frozen, so one shared default is safe."""
 
@@ -230,12 +233,26 @@ class ChatCore:
         """Step the sync turn one event at a time in worker threads. Nothing is held
         between events but the session's turn lock, so other sessions' turns go on."""
         stop = threading.Event()
-        events = self.run_plan(plan, _either(cancel, stop))
+        # The turn lock is waited for here, polling, not in a worker thread: workers
+        # blocked on a busy session could starve the turn that holds it.
+        acquired = None
+        while acquired is None:
+            trying = _EXECUTOR.submit(self._acquire, plan, False)
+            try:
+                acquired = await asyncio.wrap_future(trying)
+            except BaseException:  # cancelled while trying: give back what it got
+                trying.add_done_callback(self._release_result)
+                raise
+            if acquired is None:
+                await asyncio.sleep(TURN_POLL_SECONDS)
+        events = self._events(_Turn(plan), _either(cancel, stop), acquired)
         done = object()
         step: concurrent.futures.Future[Any] | None = None
+        started = False
         try:
             while True:
                 step = _EXECUTOR.submit(_step, events, done)
+                started = True
                 event = await asyncio.wrap_future(step)
                 step = None
                 if event is done:
@@ -243,7 +260,9 @@ class ChatCore:
                 yield event
         finally:
             stop.set()  # an abandoned turn ends at its next token
-            if step is None:
+            if not started:  # the turn never ran: its lock is released here
+                self._release(acquired[1].session_id, acquired[0])
+            elif step is None:
                 events.close()
             else:  # the step still runs in its thread: close the turn once it returns
                 step.add_done_callback(lambda _: events.close())
@@ -254,8 +273,11 @@ class ChatCore:
         """The turn of a validated plan (see ``plan``)."""
         return self._events(_Turn(plan), cancel)
 
-    def _acquire(self, plan: TurnPlan) -> tuple[threading.Lock, Session]:
-        """Choose the session and take its turn lock (waits for a turn in flight on it)."""
+    def _acquire(
+        self, plan: TurnPlan, blocking: bool = True
+    ) -> tuple[threading.Lock, Session] | None:
+        """Choose the session and take its turn lock: waits for a turn in flight on it,
+        or returns None at once when not ``blocking``."""
         with self._guard:
             if plan.session_id is not None:
                 sid, fork_of = plan.session_id, None
@@ -265,7 +287,8 @@ class ChatCore:
             if self.max_sessions is not None and not known:
                 self._make_room()
             lock = self._locks.setdefault(sid, threading.Lock())
-        lock.acquire()
+        if not lock.acquire(blocking=blocking):
+            return None
         try:
             with self._guard:
                 self._busy.add(sid)
@@ -299,18 +322,27 @@ class ChatCore:
             store.drop(sid)
             self._locks.pop(sid, None)
 
+    def _release_result(self, future: concurrent.futures.Future[Any]) -> None:
+        """Release the turn lock an abandoned ``_acquire`` got."""
+        if not future.cancelled() and future.exception() is None and future.result():
+            lock, session = future.result()
+            self._release(session.session_id, lock)
+
     def _release(self, sid: str, lock: threading.Lock) -> None:
         with self._guard:
             self._busy.discard(sid)
         lock.release()
 
     def _events(
-        self, turn: _Turn, cancel: threading.Event | None
+        self,
+        turn: _Turn,
+        cancel: threading.Event | None,
+        acquired: tuple[threading.Lock, Session] | None = None,
     ) -> Generator[ChatEvent, None, None]:
-        # The session is chosen and locked at the first step, so an iterator that is
-        # never started holds nothing.
+        # Without `acquired`, the session is chosen and locked at the first step, so an
+        # iterator that is never started holds nothing.
         plan = turn.plan
-        lock, session = self._acquire(plan)
+        lock, session = acquired or self._acquire(plan)  # type: ignore[misc]
         turn.session_id = session.session_id
         shown: list[str] = []
         try:
