@@ -61,10 +61,11 @@ class InfLLMConfig(BaseModel):
         "attention mass) or 'infllm' (the paper's representatives, one set per layer).",
     )
     query_group: int = Field(
-        0,
+        16,
         ge=0,
         description="Per-head methods: queries averaged into one retrieval query, each "
-        "block scored by its best match over them (0: one mean per chunk, as the paper).",
+        "block scored by its best match over them (0: one mean per chunk, as the paper; "
+        "16 matched full attention on the document reader's replays).",
     )
     neighbours: int = Field(
         0,

