@@ -201,10 +201,15 @@ def build() -> str:
         lines += [recall.read_text().strip(), ""]
     lines += _table_run("recall-ablation", "Ablation: every candidate on the same replays",
                         "benchmarks.recall")
+    lines += _table_run("recall-ablation-queries",
+                        "Ablation: the retrieval query of a prefill chunk, neighbours of a hit",
+                        "benchmarks.recall")
     lines += _table_run("recall", "The shipped default against the paper and the controls",
                         "benchmarks.recall")
     lines += _table_run("recall-beyond", "Beyond the native window", "benchmarks.recall")
     lines += _table_run("agents_recall", "The agents end to end", "benchmarks.agents_recall")
+    lines += _table_run("agents_recall_qg16", "The agents end to end, default with query groups",
+                        "benchmarks.agents_recall")
     speed = RESULTS_DIR / "speed_notes.md"
     if speed.exists():
         lines += [speed.read_text().strip(), ""]
