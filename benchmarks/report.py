@@ -214,6 +214,9 @@ def build() -> str:
     if speed.exists():
         lines += [speed.read_text().strip(), ""]
     lines += _table_run(f"speed-{SPEED_MODEL}", "The speed table", "benchmarks.speed")
+    serve = RESULTS_DIR / "serve_notes.md"
+    if serve.exists():  # issue 15: server vs in process, the HTTP hop
+        lines += [("\n" + serve.read_text().strip()).replace("\n# ", "\n## "), ""]
     lines += ["## Earlier sessions' runs (issues 3, 4, 6, 8)", "",
               "Measured by earlier sessions, most of them on a box shared with other jobs "
               "(load 5-16): read their timings as ratios within one table at best. The "
