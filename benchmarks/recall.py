@@ -311,9 +311,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     engines = {m: InfLLMEngine(model, tokenizer, method_config(base_cfg, m, longest))
                for m in args.methods}
     total = len(cases) * len(args.methods)
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    progress = RESULTS_DIR / f"{args.out}.partial.jsonl"
-    progress.write_text("")
+    # Rows as they complete, so an interrupted run keeps them (only for a named run).
+    progress = RESULTS_DIR / f"{args.out}.partial.jsonl" if getattr(args, "out", None) else None
+    if progress is not None:
+        RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+        progress.write_text("")
     with tqdm(total=total, desc="recall", unit="case") as bar:
         for case in cases:
             for method in args.methods:  # interleaved: every method sees the same load
@@ -339,8 +341,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                  "tokens": case.info["tokens"],
                                  "prefill_tok_s": round(len(prefix) / prefill, 1),
                                  **result})
-                    with progress.open("a") as f:  # rows survive an interrupted run
-                        f.write(json.dumps(rows[-1]) + "\n")
+                    if progress is not None:
+                        with progress.open("a") as f:
+                            f.write(json.dumps(rows[-1]) + "\n")
                 base.close()
                 bar.update(1)
     return {"machine": machine(), "args": vars(args), "config": base_cfg.model_dump(),
