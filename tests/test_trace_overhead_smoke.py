@@ -109,8 +109,8 @@ def test_trace_overhead_runs_every_level_and_counts_events(tmp_path: Path) -> No
 
     profile = profile_levels(llms, encode, steps=1, obs_tokens=40, start_tokens=150)
     assert list(profile) == list(LEVELS)
-    payloads = "tracing.py:retrieval_event_payloads"
+    payloads = "trace_data.py:retrieval_event_payloads"
     assert [profile[lv][payloads]["calls_per_step"] for lv in LEVELS] == [0, 0, 1]
-    assert profile["summary"]["tracing.py:step_summary_payload"]["calls_per_step"] == 1
-    assert profile["off"]["tracing.py:step_summary_payload"]["calls_per_step"] == 0
+    assert profile["summary"]["trace_data.py:step_summary_payload"]["calls_per_step"] == 1
+    assert profile["off"]["trace_data.py:step_summary_payload"]["calls_per_step"] == 0
     assert profile_table(profile).count("\n") == 2 + len(profile["off"])
