@@ -60,7 +60,7 @@ from langchain_infllm.chat_core import (
 )
 from langchain_infllm.chat_core.engines import clear_engine_registry, shared_engine
 from langchain_infllm.chat_core.messages import normalize_tool_choice
-from langchain_infllm.chat_core.plan import TurnPlan, check_max_tokens
+from langchain_infllm.chat_core.plan import TurnPlan, check_max_tokens, check_stop
 from langchain_infllm.chat_core.tool_parsing import generate_tool_call_id
 from langchain_infllm.chat_prompt import messages_to_dicts
 from langchain_infllm.chat_sessions import choose_session_id, session_key_from_config
@@ -99,10 +99,6 @@ def core_for(engine: Any, model_name: str | None = None) -> ChatCore:
         return core
 
 
-def _check_max_tokens(value: Any) -> int:
-    return check_max_tokens(value)
-
-
 def _format_tools(tools: Any) -> list[dict[str, Any]]:
     """Tools in OpenAI form, each with a non-empty name; ValueError naming the tool
     otherwise (a nameless tool could never be called or forced)."""
@@ -123,20 +119,11 @@ def _format_tools(tools: Any) -> list[dict[str, Any]]:
 
 
 def _validate_stop(stop: Any, where: str) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not isinstance(stop, list | tuple):
-        raise ValueError(f"{where}: stop must be a list of strings, got {type(stop).__name__}")
-    for item in stop:
-        if not isinstance(item, str):
-            raise ValueError(
-                f"{where}: stop sequences must be strings, got {item!r} ({type(item).__name__})"
-            )
-        if not item:
-            raise ValueError(f"{where}: stop sequences must be non-empty strings")
-    return list(stop)
+    """The core's check, with the message naming where the bad value came from."""
+    try:
+        return check_stop(stop)
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
 
 
 def _core_tool_choice(choice: Any, names: Sequence[str]) -> str | None:
@@ -248,7 +235,7 @@ class ChatInfLLM(BaseChatModel):
     @field_validator("max_tokens", mode="before")
     @classmethod
     def _check_max_tokens(cls, value: Any) -> int | None:
-        return None if value is None else _check_max_tokens(value)
+        return None if value is None else check_max_tokens(value)
 
     @field_validator("structured_output_retries")
     @classmethod
@@ -464,7 +451,7 @@ class ChatInfLLM(BaseChatModel):
         top_p = check_top_p(option("top_p"))
         max_tokens = option("max_tokens")
         if max_tokens is not None:
-            max_tokens = _check_max_tokens(max_tokens)
+            max_tokens = check_max_tokens(max_tokens)
         seed = check_seed(option("seed"))
         penalty = option("repetition_penalty")
         if penalty is not None:

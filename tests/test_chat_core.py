@@ -12,14 +12,12 @@ import json
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import torch
-from transformers import AutoTokenizer
 
-from langchain_infllm import InfLLMEngine, Session
+from langchain_infllm import InfLLMEngine
 from langchain_infllm.chat_core import (
     ChatCore,
     ChatEvent,
@@ -38,7 +36,6 @@ from tests.tiny_models import tiny_chat_qwen2
 
 pytestmark = [pytest.mark.real_model, pytest.mark.usefixtures("one_torch_thread")]
 
-EMBEDDED = "qwen2.5-coder-0.5b-instruct"
 HELLO = [{"role": "user", "content": "hello there"}]
 WEATHER = {
     "type": "function",
@@ -66,42 +63,10 @@ ADD = {
 }
 
 
-@pytest.fixture(scope="module")
-def qwen_tokenizer() -> Any:
-    from langchain_infllm.models.embedded import ensure_embedded_model
-
-    return AutoTokenizer.from_pretrained(ensure_embedded_model(EMBEDDED))
-
-
 @pytest.fixture
 def core(qwen_tokenizer: Any) -> ChatCore:
     model = tiny_chat_qwen2(len(qwen_tokenizer), 0)
     return ChatCore(InfLLMEngine(model, qwen_tokenizer, TINY_CHAT_CONFIG, model_name="tiny"))
-
-
-@pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch, qwen_tokenizer: Any) -> list[str]:
-    """Replies to produce, in order; each ends with <|im_end|> like a real turn."""
-    replies: list[str] = []
-    end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def generate(
-        self: Session,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop_token_ids: Any = (),
-        seed: int | None = None,
-    ) -> Iterator[int]:
-        ids = [*qwen_tokenizer.encode(replies.pop(0), add_special_tokens=False), end]
-        for token in ids[:max_new_tokens]:
-            self.append([token])
-            yield token
-            if token in set(stop_token_ids):
-                return
-
-    monkeypatch.setattr(Session, "generate", generate)
-    return replies
 
 
 def of(events: list[ChatEvent], kind: type) -> list[Any]:

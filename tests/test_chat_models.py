@@ -11,7 +11,6 @@ import asyncio
 import copy
 import json
 import threading
-from collections.abc import Iterator
 from typing import Any
 from uuid import UUID
 
@@ -28,9 +27,8 @@ from langchain_core.messages import (
 )
 from langchain_core.tools import tool
 from pydantic import BaseModel
-from transformers import AutoTokenizer
 
-from langchain_infllm import InfLLMConfig, InfLLMEngine, Session
+from langchain_infllm import InfLLMConfig, InfLLMEngine
 from langchain_infllm.chat_models import ChatInfLLM, clear_engine_registry
 from langchain_infllm.chat_prompt import PromptError, PromptRenderer
 from langchain_infllm.chat_sessions import (
@@ -47,13 +45,6 @@ pytestmark = pytest.mark.real_model  # the Qwen tokenizer comes with the embedde
 
 EMBEDDED = "qwen2.5-coder-0.5b-instruct"
 LONG_TEXT = " ".join(f"fact {i}: the box number {i} holds {i * 7 % 13} apples." for i in range(40))
-
-
-@pytest.fixture(scope="session")
-def qwen_tokenizer() -> Any:
-    from langchain_infllm.models.embedded import ensure_embedded_model
-
-    return AutoTokenizer.from_pretrained(ensure_embedded_model(EMBEDDED))
 
 
 def make_engine(
@@ -77,32 +68,6 @@ def llm(engine: InfLLMEngine) -> ChatInfLLM:
 def sllm(engine: InfLLMEngine) -> ChatInfLLM:
     """A chat model with room for the scripted replies."""
     return ChatInfLLM(engine=engine, model="tiny-qwen2", max_tokens=64)
-
-
-@pytest.fixture
-def scripted(monkeypatch: pytest.MonkeyPatch, qwen_tokenizer: Any) -> list[str]:
-    """Replies to produce, in order; each ends with <|im_end|> like a real turn."""
-    replies: list[str] = []
-    end = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
-
-    def generate(
-        self: Session,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        stop_token_ids: Any = (),
-        seed: int | None = None,
-    ) -> Iterator[int]:
-        ids = [*qwen_tokenizer.encode(replies.pop(0), add_special_tokens=False), end]
-        stops = set(stop_token_ids)
-        for token in ids[:max_new_tokens]:
-            self.append([token])
-            yield token
-            if token in stops:
-                return
-
-    monkeypatch.setattr(Session, "generate", generate)
-    return replies
 
 
 def usage(message: BaseMessage) -> dict[str, Any]:

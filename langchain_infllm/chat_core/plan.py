@@ -22,7 +22,14 @@ from langchain_infllm.engine.sampling import (
     check_top_p,
 )
 
-__all__ = ["DEFAULT_MAX_NEW_TOKENS", "TurnPlan", "args_opening", "check_max_tokens", "make_plan"]
+__all__ = [
+    "DEFAULT_MAX_NEW_TOKENS",
+    "TurnPlan",
+    "args_opening",
+    "check_max_tokens",
+    "check_stop",
+    "make_plan",
+]
 
 DEFAULT_MAX_NEW_TOKENS = 1024
 """Generation budget when neither ``max_tokens`` nor ``max_context`` bounds it."""
