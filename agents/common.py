@@ -481,6 +481,7 @@ def run_task(
     finally:
         bar.close()
     seconds = time.perf_counter() - began
+    _save_transcript(agent, config, out / "messages.json")
     trace_path: str | None = None
     try:
         markers = fact_markers(task.questions, steps)
@@ -506,6 +507,19 @@ def run_task(
     )
     (out / "result.json").write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
     return result
+
+
+def _save_transcript(agent: Any, config: Mapping[str, Any], path: Path) -> None:
+    """The thread's whole message list, OpenAI-shaped, so a diagnostic can replay exactly
+    what the agent saw (benchmarks/recall.py ``--transcript``)."""
+    from langchain_core.messages import convert_to_openai_messages
+
+    try:
+        messages = agent.get_state(config).values.get("messages", [])
+        path.write_text(json.dumps(convert_to_openai_messages(messages), indent=1),
+                        encoding="utf-8")
+    except Exception:  # a by-product, like the trace report
+        logger.exception("could not write the transcript")
 
 
 def _call_matches(described: str, planned: PlannedCall) -> bool:

@@ -14,6 +14,7 @@ Writes ``benchmarks/results/agents_recall.{json,md}``.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 from collections.abc import Sequence
@@ -40,6 +41,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     base = engine_config(InfLLMConfig.from_yaml(args.config), trace="summary")
     rows: list[dict[str, Any]] = []
     out_root = Path(args.out_dir)
+    # Rows as they complete, so an interrupted run keeps them (git-ignored).
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    progress = RESULTS_DIR / f"{args.out}.partial.jsonl"
+    progress.write_text("")
     for seed in args.seeds:
         for agent in args.agents:
             for method in args.methods:
@@ -60,6 +65,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                     "answers": result.answers,
                     "trace": result.trace_path,
                 })
+                with progress.open("a") as f:
+                    f.write(json.dumps(rows[-1]) + "\n")
                 print(f"{agent} seed {seed} {method}: {result.score.correct}/"
                       f"{result.score.total} ({rows[-1]['seconds']} s)", flush=True)
     return {"machine": machine(), "args": vars(args), "config": base.model_dump(), "rows": rows}

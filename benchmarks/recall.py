@@ -9,7 +9,8 @@ planned tool call with its real result, then the question as a new user turn) an
 needle tasks, and for every method, in one run on the same token ids:
 
 * the answer: greedy decoding, scored with the agent's / task's own scorer;
-* at the answer's value (teacher-forced "The answer is <value>"): the log-probability of
+* at the answer's value (teacher-forced: the full-attention control's own answer up to
+  the value where it gave one, else "The answer is"): the log-probability of
   the value, and for every layer at each step that predicts a value token, whether the
   block holding the fact was attended (by any KV head, and the share of KV heads) and its
   rank under the method's own scores;
@@ -26,6 +27,7 @@ Writes ``benchmarks/results/recall.{json,csv,md,png}``.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import statistics
@@ -74,6 +76,9 @@ class RecallCase:
     prefix_ids: list[int]
     questions: list[RecallQuestion]
     info: dict[str, Any] = field(default_factory=dict)
+    decoded: list[tuple[int, int]] = field(default_factory=list)
+    """Token spans ``[start, end)`` the agent generated: fed one token per step, as the
+    agent's decoding did, so a transcript replay chunks its history as the agent did."""
 
 
 # ----------------------------------------------------------------------------- cases
@@ -139,6 +144,83 @@ def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> 
                       {"size": size, "tokens": len(renders[0].token_ids)})
 
 
+def transcript_case(
+    agent: str, size: str, seed: int, path: Path, tokenizer: Any, work: Path
+) -> RecallCase:
+    """An agent's own run replayed exactly: the transcript it saved (``messages.json``),
+    each question asked after the earlier questions and the answers the agent gave, the
+    history fed in the agent's steps (every generated token one step at a time).
+
+    The plain ``agent_case`` asks each question on a fork of the planned reading; this
+    one reproduces what the agent saw, so a miss of the agent can be studied per method.
+    """
+    from langchain_core.utils.function_calling import convert_to_openai_tool
+
+    from agents import document_reader, repo_investigator
+    from langchain_infllm.chat_core.prompt import PromptRenderer
+
+    if agent == "document_reader":
+        task = document_reader.build_task(size, seed)
+    elif agent == "repo_investigator":
+        task = repo_investigator.build_task(size, seed, work / f"ws-{seed}")
+    else:
+        raise ValueError(f"unknown agent {agent!r}")
+    transcript = json.loads(path.read_text(encoding="utf-8"))
+    messages = [{"role": "system", "content": task.system_prompt}, *transcript]
+    asked = [i for i, m in enumerate(messages) if m["role"] == "user"][1:]
+    if len(asked) != len(task.questions):
+        raise ValueError(f"{path}: {len(asked)} question turns, the task has "
+                         f"{len(task.questions)}")
+    renderer = PromptRenderer(tokenizer)
+    schemas = [convert_to_openai_tool(t) for t in task.tools]
+    full = renderer.render(messages, schemas)
+    end_of_turn = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    decoded = []
+    for i, message in enumerate(messages):
+        if message["role"] == "assistant":
+            begin = len(renderer.render(messages[:i], schemas).token_ids)
+            end = full.token_ids.index(end_of_turn, begin) + 1  # the stop token too
+            decoded.append((begin, end))
+    renders = [renderer.render(messages[: u + 1], schemas) for u in asked]
+    common = min(_shared_prefix(renders[0].token_ids, r.token_ids) for r in renders)
+    common = min(common, min(len(r.token_ids) for r in renders) - 1)
+    enc = tokenizer(full.text, return_offsets_mapping=True, add_special_tokens=False)
+    if list(enc["input_ids"]) != full.token_ids:
+        raise RuntimeError("rendered text does not re-tokenise to the prompt ids")
+    offsets = enc["offset_mapping"]
+    questions = []
+    for q, rendered in zip(task.questions, renders, strict=True):
+        source = q.source
+        result = next(
+            messages[i + 1]["content"] for i, m in enumerate(messages)
+            if m["role"] == "assistant" and source is not None and any(
+                source.matches(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in m.get("tool_calls") or ()))
+        char = full.text.index(q.answer, full.text.index(result))
+        span = (_token_index(offsets, char), _token_index(offsets, char + len(q.answer) - 1) + 1)
+        questions.append(RecallQuestion(
+            label=q.prompt,
+            suffix_ids=rendered.token_ids[common:],
+            value=q.answer,
+            value_ids=tokenizer.encode(" " + q.answer, add_special_tokens=False),
+            fact_positions=span,
+            is_correct=partial(_judge, q),
+        ))
+    return RecallCase(f"{agent}-transcript", seed, renders[0].token_ids[:common], questions,
+                      {"size": size, "tokens": len(full.token_ids), "transcript": str(path)},
+                      decoded=decoded)
+
+
+def feed(session: Any, ids: Sequence[int], decoded: Sequence[tuple[int, int]]) -> None:
+    """Append `ids` at the session's end, the tokens inside `decoded` spans (absolute
+    positions) one per step, everything between them in one append."""
+    at = len(session)
+    end = at + len(ids)
+    cuts = sorted({at, end, *(p for a, b in decoded for p in range(a, b + 1) if at < p < end)})
+    for a, b in itertools.pairwise(cuts):
+        session.append(list(ids[a - at : b - at]))
+
+
 def _judge(question: Any, text: str) -> bool:
     from agents.common import score_answer
 
@@ -187,10 +269,15 @@ def _fact_blocks(span: tuple[int, int], n_init: int, block_size: int) -> set[int
 def measure_question(
     engine: Any, base: Any, q: RecallQuestion, method: str, *, stop_ids: set[int],
     decode_tokens: int, tokenizer: Any, cut: int = 0,
+    decoded: Sequence[tuple[int, int]] = (),
+    lead: tuple[list[int], list[int]] | None = None,
 ) -> dict[str, Any]:
     """Answer, value log-probability and the fact block's fate at the value steps.
 
-    `cut`: how many leading context tokens the method dropped (``truncate``).
+    `cut`: how many leading context tokens the method dropped (``truncate``);
+    `decoded`: spans fed one token per step (`feed`); `lead`: the control's answer up
+    to the value and the value's tokens as it wrote them (`value_lead`), where the value
+    is forced instead of after "The answer is".
     """
     from langchain_infllm.engine.retrieval import chunk_queries, score_blocks
 
@@ -198,17 +285,19 @@ def measure_question(
     fact = _fact_blocks(q.fact_positions, cfg.n_init, cfg.block_size)
     # 1. free answer
     session = base.fork()
-    session.append(q.suffix_ids)
+    feed(session, q.suffix_ids, decoded)
     began = time.perf_counter()
     produced = engine_generate(session, decode_tokens,
                                stop=lambda ids: bool(ids) and ids[-1] in stop_ids)
     seconds = time.perf_counter() - began
     answer = tokenizer.decode(produced, skip_special_tokens=True)
     session.close()
-    # 2. teacher-forced value
+    # 2. teacher-forced value: after the control's own words where it said the value,
+    # else after a neutral cue
     session = base.fork()
-    session.append(q.suffix_ids)
-    forced = tokenizer.encode(" " + FORCED_PREFIX, add_special_tokens=False)
+    feed(session, q.suffix_ids, decoded)
+    forced, value_ids = lead if lead is not None else (
+        tokenizer.encode(" " + FORCED_PREFIX, add_special_tokens=False), q.value_ids)
     step = session.append(forced)
     ranks: dict[int, list[int]] = {}
 
@@ -225,7 +314,7 @@ def measure_question(
 
     logp = 0.0
     layer_hits: dict[int, list[float]] = {}
-    for token in q.value_ids:
+    for token in value_ids:
         assert step.logits is not None
         logp += float(torch.log_softmax(step.logits, -1)[token])
         session.observer = observe if method in RETRIEVAL_METHODS else None
@@ -253,6 +342,8 @@ def measure_question(
         head_share = statistics.mean(per_layer)
     return {
         "answer": answer,
+        "answer_ids": produced,
+        "forced": "control's answer" if lead is not None else FORCED_PREFIX,
         "correct": bool(q.is_correct(answer)),
         "value_logp": round(logp, 3),
         "fact_layers_selected": round(any_share, 3),
@@ -262,6 +353,26 @@ def measure_question(
         "decode_s_per_token": round(seconds / max(1, len(produced)), 4),
         "fact_blocks": sorted(fact),
     }
+
+
+def value_lead(
+    produced: Sequence[int], value: str, tokenizer: Any
+) -> tuple[list[int], list[int]] | None:
+    """The tokens of an answer before the value and the tokens that spell it, or None
+    if the answer does not contain the value (the decision point every method is then
+    measured at: does it say the value where the control did?)."""
+    text = tokenizer.decode(list(produced), skip_special_tokens=True)
+    at = text.find(value)
+    if at < 0:
+        return None
+    lengths = [len(tokenizer.decode(list(produced[:k]), skip_special_tokens=True))
+               for k in range(len(produced) + 1)]
+    first = max(k for k, n in enumerate(lengths) if n <= at)
+    # A space the tokenizer keeps apart belongs to the value: the choice is made there.
+    while first > 0 and not tokenizer.decode([produced[first - 1]]).strip():
+        first -= 1
+    last = next(k for k, n in enumerate(lengths) if n >= at + len(value))
+    return list(produced[:first]), list(produced[first:last])
 
 
 def parse_method(spec: str) -> tuple[str, dict[str, Any]]:
@@ -297,7 +408,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     cases: list[RecallCase] = []
     for seed in args.seeds:
         for name in args.cases:
-            if name in ("document_reader", "repo_investigator"):
+            pattern = getattr(args, "transcripts", None)
+            if name in ("document_reader", "repo_investigator") and pattern:
+                path = Path(pattern.format(agent=name, size=args.size, seed=seed))
+                cases.append(transcript_case(name, args.size, seed, path, tokenizer, work))
+            elif name in ("document_reader", "repo_investigator"):
                 cases.append(agent_case(name, args.size, seed, tokenizer, work))
             else:
                 for depth in args.depths:
@@ -316,9 +431,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     if progress is not None:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         progress.write_text("")
+    # The full-attention control goes first on each case: its answers give every other
+    # method the decision point to be measured at (`value_lead`).
+    order = sorted(args.methods, key=lambda m: parse_method(m)[0] != "full")
     with tqdm(total=total, desc="recall", unit="case") as bar:
         for case in cases:
-            for method in args.methods:  # interleaved: every method sees the same load
+            leads: dict[str, tuple[list[int], list[int]] | None] = {}
+            for method in order:  # interleaved: every method sees the same load
                 engine = engines[method]
                 engine.model.set_attn_implementation("infllm")  # type: ignore[operator]
                 base = engine.new_session()
@@ -328,14 +447,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         args.decode_tokens + 16)
                     prefix = prefix[-keep:]
                 began = time.perf_counter()
-                base.append(prefix)
+                if case.decoded and len(prefix) == len(case.prefix_ids):
+                    feed(base, prefix, case.decoded)
+                else:  # a truncated prefix is not the agent's history anyway
+                    base.append(prefix)
                 prefill = time.perf_counter() - began
                 for q in case.questions:
                     result = measure_question(engine, base, q, parse_method(method)[0],
                                               stop_ids=stop_ids,
                                               cut=len(case.prefix_ids) - len(prefix),
                                               decode_tokens=args.decode_tokens,
-                                              tokenizer=tokenizer)
+                                              tokenizer=tokenizer, decoded=case.decoded,
+                                              lead=leads.get(q.label))
+                    if parse_method(method)[0] == "full":
+                        leads[q.label] = value_lead(result["answer_ids"], q.value, tokenizer)
                     rows.append({"case": case.name, "seed": case.seed, "method": method,
                                  "question": q.label, "value": q.value,
                                  "tokens": case.info["tokens"],
@@ -429,6 +554,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--length", type=int, default=16384, help="needle tasks: tokens")
     parser.add_argument("--depths", nargs="+", type=float, default=[0.1, 0.5])
     parser.add_argument("--decode-tokens", type=int, default=24)
+    parser.add_argument(
+        "--transcripts", default=None,
+        help="replay the agents' own runs: a path pattern of their messages.json with "
+        "{agent}, {size}, {seed} (e.g. runs/x/{agent}-{size}-s{seed}-maxkey/messages.json)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="recall")
     args = parser.parse_args(argv)

@@ -184,3 +184,87 @@ def test_recall_diagnostic_runs_every_method_on_a_real_tokenizer(tmp_path: Path)
     assert all(r["fact_blocks"] for r in rows.values())
     summary = summarise(payload["rows"])
     assert "| passkey-700 | maxkey |" in markdown(summary)
+
+
+class _Recorder:
+    """A session stand-in that records the appends `feed` makes."""
+
+    def __init__(self, held: int) -> None:
+        self.held = held
+        self.calls: list[list[int]] = []
+
+    def __len__(self) -> int:
+        return self.held
+
+    def append(self, ids: list[int]) -> None:
+        self.calls.append(ids)
+        self.held += len(ids)
+
+
+def test_feed_appends_generated_spans_one_token_per_step() -> None:
+    """Replayed history is chunked as the agent produced it: prompt runs in one append,
+    every generated token alone (absolute positions; spans outside the ids ignored)."""
+    from benchmarks.recall import feed
+
+    session = _Recorder(held=10)
+    feed(session, list(range(10, 20)), [(2, 5), (13, 15), (18, 30)])
+    assert session.calls == [[10, 11, 12], [13], [14], [15, 16, 17], [18], [19]]
+
+
+def test_value_lead_splits_an_answer_where_the_value_starts(qwen_tokenizer: Any) -> None:
+    """The decision point: the control's tokens before the value (a separate space token
+    goes with the value) and the tokens that spell it; None without the value."""
+    from benchmarks.recall import value_lead
+
+    ids = qwen_tokenizer.encode("The pier 30 was closed for repairs.", add_special_tokens=False)
+    lead = value_lead(ids, "30", qwen_tokenizer)
+    assert lead is not None
+    before, value = lead
+    assert before + value == ids[: len(before) + len(value)]
+    assert qwen_tokenizer.decode(before).rstrip() == "The pier"
+    assert qwen_tokenizer.decode(value).strip() == "30"
+    assert value_lead(ids, "41", qwen_tokenizer) is None
+
+
+def test_transcript_case_replays_the_agents_own_messages(
+    qwen_tokenizer: Any, tmp_path: Path
+) -> None:
+    """A saved agent transcript becomes one case: questions in order with the earlier
+    answers in their prompts, the fact's tokens where the value is, and every assistant
+    turn's tokens marked as generated."""
+    import json
+
+    from agents import document_reader
+    from benchmarks.recall import transcript_case
+
+    task = document_reader.build_task("tiny", 0)
+    tools = {t.name: t for t in task.tools}
+    messages: list[dict[str, Any]] = [{"role": "user", "content": task.start_message}]
+    for i, call in enumerate(task.guide.plan):
+        messages.append({"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "id": f"c{i}", "function": {
+                "name": call.tool, "arguments": json.dumps(dict(call.args))}}]})
+        messages.append({"role": "tool", "tool_call_id": f"c{i}",
+                         "content": str(tools[call.tool].invoke(dict(call.args)))})
+    messages.append({"role": "assistant", "content": "DONE"})
+    for n, q in enumerate(task.questions):
+        messages.append({"role": "user", "content": task.question_template.format(
+            question=q.prompt)})
+        messages.append({"role": "assistant", "content": f"Answer number {n}."})
+    path = tmp_path / "messages.json"
+    path.write_text(json.dumps(messages))
+    case = transcript_case("document_reader", "tiny", 0, path, qwen_tokenizer, tmp_path)
+    assert [q.label for q in case.questions] == [q.prompt for q in task.questions]
+    ids = case.prefix_ids + case.questions[-1].suffix_ids
+    assert "Answer number 0." in qwen_tokenizer.decode(ids)  # earlier answers are history
+    for q in case.questions:
+        a, b = q.fact_positions
+        assert q.value in qwen_tokenizer.decode(ids[a:b])
+    assistant_turns = 1 + len(task.guide.plan) + len(task.questions)
+    assert len(case.decoded) == assistant_turns
+    end_of_turn = qwen_tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(a < b for a, b in case.decoded)
+    # the last answer follows the last question's prompt; every earlier one is inside it
+    # and ends with the stop token the model generated
+    assert case.decoded[-1][0] == len(ids)
+    assert all(ids[b - 1] == end_of_turn for _, b in case.decoded[:-1])
