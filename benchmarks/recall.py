@@ -115,11 +115,10 @@ def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> 
     task.guide.closed = True
     renderer = PromptRenderer(tokenizer)
     schemas = [convert_to_openai_tool(t) for t in task.tools]
-    renders = [
-        renderer.render([*messages, HumanMessage(task.question_template.format(
-            question=q.prompt))], schemas)
-        for q in task.questions
-    ]
+    def asked(question: Any) -> list[Any]:
+        return [*messages, HumanMessage(task.question_template.format(question=question))]
+
+    renders = [renderer.render(asked(q.prompt), schemas) for q in task.questions]
     common = min(_shared_prefix(renders[0].token_ids, r.token_ids) for r in renders)
     common = min(common, min(len(r.token_ids) for r in renders) - 1)
     questions = []
