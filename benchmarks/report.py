@@ -210,6 +210,12 @@ def build() -> str:
     lines += _table_run("agents_recall", "The agents end to end", "benchmarks.agents_recall")
     lines += _table_run("agents_recall_qg16", "The agents end to end, default with query groups",
                         "benchmarks.agents_recall")
+    transcript = RESULTS_DIR / "recall-transcript-s0.md"
+    if transcript.exists():  # the main job's own transcript, replayed per method
+        lines += [("\n" + transcript.read_text().strip()).replace("\n# ", "\n### "), ""]
+    lines += _table_run("agents_recall_layout",
+                        "The agents end to end: span moved from the window to retrieved blocks",
+                        "benchmarks.agents_recall")
     speed = RESULTS_DIR / "speed_notes.md"
     if speed.exists():
         lines += [speed.read_text().strip(), ""]
