@@ -117,18 +117,28 @@ def score_blocks(
     return scores
 
 
-def select_blocks(scores: torch.Tensor, topk: int) -> Selection:
-    """The `topk` best blocks of each row of `scores [rows, n_blocks]` (one host sync)."""
+def top_blocks(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `topk` best blocks of each row of `scores [rows, n_blocks]`, in ascending
+    block order, and their scores (`[rows, k]` each; no host sync)."""
     k = min(topk, scores.shape[1])
     top = scores.topk(k, dim=1)
     order = top.indices.argsort(dim=1)
-    indices = top.indices.gather(1, order)
+    return top.indices.gather(1, order), top.values.gather(1, order)
+
+
+def select_blocks(scores: torch.Tensor, topk: int) -> Selection:
+    """The `topk` best blocks of each row of `scores [rows, n_blocks]` (one host sync)."""
+    return selection_of(scores, *top_blocks(scores, topk))
+
+
+def selection_of(scores: torch.Tensor, indices: torch.Tensor, values: torch.Tensor) -> Selection:
+    """The `Selection` of `top_blocks`' `indices` and `values` (one host sync)."""
     if scores.shape[0] == 1:
-        blocks, best = indices[0], top.values.gather(1, order)[0]
+        blocks, best = indices[0], values[0]
     else:  # union over heads, each block with its best score among the heads choosing it
         blocks = torch.unique(indices)
         chosen = torch.full_like(scores, float("-inf"))
-        chosen.scatter_(1, top.indices, top.values)
+        chosen.scatter_(1, indices, values)
         best = chosen[:, blocks].amax(dim=0)
     return Selection(per_head=indices.tolist(), blocks=blocks.tolist(), scores=best.tolist())
 
