@@ -34,6 +34,7 @@ from langchain_infllm.engine.retrieval import (
     score_blocks,
     select_blocks,
     selection_of,
+    top_block_ids,
     top_blocks,
 )
 from langchain_infllm.engine.rope import RotaryTable
@@ -172,9 +173,11 @@ def attend_chunk(
         if ctx.direct_blocks and memory.index_values is not None:
             # Host memory is the device: no copies to make, so no cache and no host sync
             # unless a record wants the block ids.
-            chosen_t, best_t = top_blocks(scores, ctx.topk)
-            direct = memory.gather_blocks(chosen_t)
-            if ctx.record is not None:
+            if ctx.record is None:
+                direct = memory.gather_blocks(top_block_ids(scores, ctx.topk))
+            else:
+                chosen_t, best_t = top_blocks(scores, ctx.topk)
+                direct = memory.gather_blocks(chosen_t)
                 selection = selection_of(scores, chosen_t, best_t)
         else:
             selection = select_blocks(scores, ctx.topk)

@@ -102,10 +102,13 @@ def score_blocks(
         # q @ keys^T through matmul on the transposed view: no copy of the index (a view
         # of a larger buffer) and 6x faster on CPU than bmm(keys, q^T), which runs a
         # GEMM with an output only g*m wide.
-        dots = torch.matmul(q, index_keys.mT).to(torch.float32)  # [kvh, g*m, tokens]
+        dots = torch.matmul(q, index_keys.mT)  # [kvh, g*m, tokens]
         if method == "maxmass":
+            dots = dots.to(torch.float32)
             dots = dots - dots.logsumexp(dim=2, keepdim=True)
+        # A max is exact in any dtype: cast only the [kvh, n_blocks] result.
         scores = dots.amax(dim=1).view(kv_heads, n_blocks, block_size).amax(dim=2)
+        scores = scores.to(torch.float32)
     else:
         raise ValueError(
             f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}"
@@ -115,6 +118,11 @@ def score_blocks(
             scores[:, None], 2 * neighbours + 1, stride=1, padding=neighbours
         )[:, 0]
     return scores
+
+
+def top_block_ids(scores: torch.Tensor, topk: int) -> torch.Tensor:
+    """`top_blocks` without the scores (two ops: what a decode step needs)."""
+    return scores.topk(min(topk, scores.shape[1]), dim=1).indices.sort(dim=1).values
 
 
 def top_blocks(scores: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
