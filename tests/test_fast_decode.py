@@ -211,3 +211,22 @@ def test_derived_state_survives_rollback(monkeypatch: pytest.MonkeyPatch) -> Non
             failed.append([rng.randrange(VOCAB) for _ in range(n)])
     monkeypatch.setattr(LayerMemory, "seal", real)
     continue_both(failed, fresh, calls(rng, prompt=13, decode=17))
+
+
+@pytest.mark.parametrize("queries", [1, 3, 16])
+def test_half_precision_scan_matches_fp32(queries: int) -> None:
+    """The maxkey scan (which picks its matmul layout by dtype and query count) gives the
+    fp32 scores within bf16 rounding, on an index that is a view of a larger buffer."""
+    from langchain_infllm.engine.retrieval import score_blocks
+
+    gen = torch.Generator().manual_seed(queries)
+    kvh, heads, d, bs, n = 3, 9, 64, 32, 37
+    store = torch.randn(kvh, 2 * n * bs + 5, d, generator=gen).to(torch.bfloat16)
+    index = store[:, : n * bs]
+    q = torch.randn(heads, queries, d, generator=gen).to(torch.bfloat16)
+    got = score_blocks("maxkey", q, reprs=torch.empty(0), index_keys=index, kv_heads=kvh,
+                       block_size=bs)
+    dots = torch.einsum("gjmd,gtd->gjmt", q.float().view(kvh, heads // kvh, queries, d),
+                        index.float())
+    expected = dots.amax(dim=(1, 2)).view(kvh, n, bs).amax(dim=2)
+    torch.testing.assert_close(got, expected, atol=0.1, rtol=0.01)
