@@ -230,3 +230,22 @@ def test_half_precision_scan_matches_fp32(queries: int) -> None:
                         index.float())
     expected = dots.amax(dim=(1, 2)).view(kvh, n, bs).amax(dim=2)
     torch.testing.assert_close(got, expected, atol=0.1, rtol=0.01)
+
+
+def test_close_releases_the_block_store() -> None:
+    """The blocks are views of the store, so a session left without blocks drops it (a
+    store kept for reuse would hold the closed session's K/V)."""
+    engine = engine_for("llama", torch.float32, **FAST)
+    session = engine.new_session()
+    run(session, calls(random.Random(12), prompt=90, decode=3))
+    assert session.layers[0]._index_v is not None
+    assert session.layers[0]._index_v.shape[1] > 0
+    session.close()
+    for layer in session.layers:
+        assert layer._index_k is not None and layer._index_k.shape[1] == 0
+        assert layer._index_v is not None and layer._index_v.shape[1] == 0
+    # ... and stays usable.
+    fresh = engine.new_session()
+    steps = calls(random.Random(13), prompt=60, decode=9)
+    assert [torch.equal(a, b) for (a, _), (b, _) in zip(run(session, steps), run(fresh, steps),
+                                                        strict=True)] == [True] * len(steps)

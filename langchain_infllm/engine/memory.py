@@ -531,7 +531,15 @@ class LayerMemory:
         tail_s = torch.cat(parts_s, dim=1)
         if tail_k.shape[1] != keep:
             raise RuntimeError(f"truncate rebuilt {tail_k.shape[1]} tail tokens, expected {keep}")
-        return {
+        fields: dict[str, object] = {}
+        if self._index_v is not None and keep_blocks == 0:
+            # No block left: let the store go (a view-less store would hold its K/V).
+            fields.update(
+                _index_k=torch.empty(kvh, 0, d, dtype=self.dtype, device=self.host_device),
+                _index_v=torch.empty(kvh, 0, d, dtype=self.dtype, device=self.host_device),
+                _store_owned=True,
+            )
+        return fields | {
             "init_k": self.init_k[:, :keep_init].clone(),
             "init_v": self.init_v[:, :keep_init].clone(),
             "block_uids": self.block_uids[:keep_blocks],
