@@ -78,6 +78,17 @@ class InfLLMConfig(BaseModel):
         description="Fused kernels merged by log-sum-exp where the retrieval method needs "
         "no attention mass (false: the fp32 reference path everywhere).",
     )
+    fast_decode: bool = Field(
+        True,
+        description="Keep the local window's keys rotated between seals, so a decoded "
+        "token rotates only its own key (false: rotate the whole window every chunk).",
+    )
+    direct_blocks: bool = Field(
+        False,
+        description="Where host memory is the compute device (CPU), attend retrieved "
+        "blocks straight from the layer's contiguous block store instead of copying them "
+        "through the block cache (whose hit/miss counters then stay at zero).",
+    )
     cache_strategy: CacheStrategy = "lru"
     score_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decay for lru-s scores.")
     async_global_stream: bool = Field(True, description="Copy blocks on a side CUDA stream.")

@@ -23,15 +23,19 @@ from typing import Any
 import torch
 from torch import nn
 
-from langchain_infllm.engine.block_cache import DeviceBlockCache
+from langchain_infllm.engine.block_cache import DeviceBlockCache, PendingFetch
 from langchain_infllm.engine.fused import additive_bias, attention_with_lse, merge
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord
 from langchain_infllm.engine.retrieval import (
+    Selection,
     chunk_queries,
     needs_attention_mass,
     score_blocks,
     select_blocks,
+    selection_of,
+    top_block_ids,
+    top_blocks,
 )
 from langchain_infllm.engine.rope import RotaryTable
 
@@ -64,6 +68,11 @@ class InfLLMForwardContext:
     neighbours: int = 0
     """Blocks on each side a hit lends its score to (`retrieval.score_blocks`)."""
     fused_masks: dict[tuple[int, ...], FusedMasks] = field(default_factory=dict)
+    fast_decode: bool = True
+    """Fused path: reuse the window's rotated keys between seals (`LayerMemory.rotated_window`)."""
+    direct_blocks: bool = False
+    """Gather retrieved blocks straight from the layer's contiguous store where it has
+    one (host == device), instead of copying them through the block cache."""
 
 
 @dataclass(frozen=True)
@@ -149,38 +158,33 @@ def attend_chunk(
         ctx.observe(layer_idx, start, q_mem, memory)
     pending = None
     selection = None
+    direct: tuple[torch.Tensor, torch.Tensor] | None = None
     if ctx.topk > 0 and memory.n_blocks > 0:
-        selection = select_blocks(
-            score_blocks(
-                memory.retrieval,
-                chunk_queries(q_mem, memory.retrieval, ctx.query_group),
-                reprs=memory.reprs,
-                index_keys=memory.index_keys,
-                kv_heads=kv_heads,
-                block_size=memory.block_size,
-                neighbours=ctx.neighbours,
-            ),
-            ctx.topk,
+        scores = score_blocks(
+            memory.retrieval,
+            chunk_queries(q_mem, memory.retrieval, ctx.query_group),
+            reprs=memory.reprs,
+            index_keys=memory.index_keys,
+            kv_heads=kv_heads,
+            block_size=memory.block_size,
+            neighbours=ctx.neighbours,
         )
-        chosen = selection.blocks
         before = cache.counters.snapshot()
-        if selection.shared:
-            pending = cache.fetch(
-                [memory.block_uids[i] for i in chosen],
-                [memory.block_k[i] for i in chosen],
-                [memory.block_v[i] for i in chosen],
-                selection.scores,
-            )
-        else:  # each KV head fetches only its own slices
-            uids, keys, values = memory.block_uids, memory.block_k, memory.block_v
-            wanted = [(b, g) for g, row in enumerate(selection.per_head) for b in row]
-            pending = cache.fetch(
-                [(uids[b], g) for b, g in wanted],
-                [keys[b][g] for b, g in wanted],
-                [values[b][g] for b, g in wanted],
-            )
+        if ctx.direct_blocks and memory.index_values is not None:
+            # Host memory is the device: no copies to make, so no cache and no host sync
+            # unless a record wants the block ids.
+            if ctx.record is None:
+                direct = memory.gather_blocks(top_block_ids(scores, ctx.topk))
+            else:
+                chosen_t, best_t = top_blocks(scores, ctx.topk)
+                direct = memory.gather_blocks(chosen_t)
+                selection = selection_of(scores, chosen_t, best_t)
+        else:
+            selection = select_blocks(scores, ctx.topk)
+            pending = _fetch(cache, memory, selection)
         after = cache.counters.snapshot()
-        if ctx.record is not None:
+        if ctx.record is not None and selection is not None:
+            chosen = selection.blocks
             ctx.record(
                 RetrievalRecord(
                     layer=layer_idx,
@@ -206,7 +210,10 @@ def attend_chunk(
 
     mem_k_parts: list[torch.Tensor] = [memory.init_k]
     mem_v_parts: list[torch.Tensor] = [memory.init_v]
-    if pending is not None and selection is not None:
+    if direct is not None:
+        mem_k_parts.append(direct[0])
+        mem_v_parts.append(direct[1])
+    elif pending is not None and selection is not None:
         blk_k, blk_v = pending.gather()
         if selection.shared:
             mem_k_parts.extend(blk_k)
@@ -219,11 +226,17 @@ def attend_chunk(
     mem_k = torch.cat(mem_k_parts, dim=1)
     mem_v = torch.cat(mem_v_parts, dim=1)
     layout = (start, end, local_lo, tail_start, n_rem)
-    q_loc = ctx.rope.rotate(q, start - local_lo).reshape(kv_heads, groups * c, d)
     q_far = q_mem.reshape(kv_heads, groups * c, d)
     if ctx.fused and not needs_attention_mass(memory.retrieval):
-        out = _fused_chunk(ctx, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v, groups)
+        # Local keys and queries rotated against one base; only their distance matters.
+        if ctx.fast_decode:
+            k_loc, base = memory.rotated_window(ctx.rope, start, local_lo, end)
+        else:
+            k_loc, base = ctx.rope.rotate(loc_k, 0), local_lo
+        q_loc = ctx.rope.rotate(q, start - base).reshape(kv_heads, groups * c, d)
+        out = _fused_chunk(ctx, layout, q_loc, q_far, k_loc, loc_v, mem_k, mem_v, groups)
     else:
+        q_loc = ctx.rope.rotate(q, start - local_lo).reshape(kv_heads, groups * c, d)
         out = _reference_chunk(ctx, memory, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v)
     memory.seal(end - n_local + 1, ctx.next_uid)
     return out.reshape(heads, c, d).to(out_dtype)
@@ -273,16 +286,17 @@ def _fused_chunk(
     layout: tuple[int, int, int, int, int],
     q_loc: torch.Tensor,
     q_mem: torch.Tensor,
-    loc_k: torch.Tensor,
+    k_loc: torch.Tensor,
     loc_v: torch.Tensor,
     mem_k: torch.Tensor,
     mem_v: torch.Tensor,
     groups: int,
 ) -> torch.Tensor:
-    """Local and memory parts as two fused kernels in the model's dtype, merged by LSE."""
-    dtype = loc_k.dtype
+    """Local and memory parts as two fused kernels in the model's dtype, merged by LSE.
+
+    `k_loc` is already rotated against the same base as `q_loc`."""
+    dtype = k_loc.dtype
     masks = _fused_masks(ctx, layout, mem_k.shape[1], groups, dtype, q_loc.device)
-    k_loc = ctx.rope.rotate(loc_k, 0)
     local = attention_with_lse(q_loc.to(dtype), k_loc, loc_v, masks.local)
     if mem_k.shape[1] == 0:
         return merge(local, None, None)
@@ -381,6 +395,28 @@ def _mask_bands(logits: torch.Tensor, masks: ChunkMasks) -> None:
     if masks.too_near is not None:
         n_rem = masks.too_near.shape[1]
         logits[..., logits.shape[-1] - n_rem :].masked_fill_(masks.too_near, float("-inf"))
+
+
+def _fetch(
+    cache: DeviceBlockCache, memory: LayerMemory, selection: Selection
+) -> PendingFetch:
+    """Start copying the selected blocks (or, per KV head, their slices) to the device."""
+    uids, keys, values = memory.block_uids, memory.block_k, memory.block_v
+    if selection.shared:
+        chosen = selection.blocks
+        return cache.fetch(
+            [uids[i] for i in chosen],
+            [keys[i] for i in chosen],
+            [values[i] for i in chosen],
+            selection.scores,
+        )
+    # each KV head fetches only its own slices
+    wanted = [(b, g) for g, row in enumerate(selection.per_head) for b in row]
+    return cache.fetch(
+        [(uids[b], g) for b, g in wanted],
+        [keys[b][g] for b, g in wanted],
+        [values[b][g] for b, g in wanted],
+    )
 
 
 def _per_head_blocks(slices: list[torch.Tensor], kv_heads: int) -> torch.Tensor:

@@ -160,8 +160,11 @@ class DeviceBlockCache:
         if self._free:
             return self._free.pop()
         if len(self.slot_k) < self.capacity:
-            self.slot_k.append(torch.empty(like.shape, dtype=like.dtype, device=self.device))
-            self.slot_v.append(torch.empty(like.shape, dtype=like.dtype, device=self.device))
+            # Both allocated before either list grows: a failure leaves them in step.
+            k = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+            v = torch.empty(like.shape, dtype=like.dtype, device=self.device)
+            self.slot_k.append(k)
+            self.slot_v.append(v)
             return len(self.slot_k) - 1
         victim = self._choose_victim(needed)
         slot = self._slot_of.pop(victim)

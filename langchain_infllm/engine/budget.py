@@ -72,7 +72,9 @@ def estimate_device_budget(
     block_cache = num_layers * config.max_cached_block * config.block_size * kv_token
     # The tail buffer grows to twice what it holds: window + remainder + a model chunk.
     tail_tokens = 2 * (config.n_local + config.block_size + config.chunk_size)
+    # ... plus the rotated copy of its keys (LayerMemory.rotated_window): half a K/V pair.
     session_fixed = num_layers * (config.n_init + tail_tokens) * kv_token
+    session_fixed += num_layers * tail_tokens * kv_token // 2
     reprs = 0 if config.repr_on_host else shape.heads * shape.head_dim * item * num_layers
     representatives_per_1m = reprs * 1_000_000 // config.block_size
     if needs_key_index(config.retrieval) and not config.repr_on_host:

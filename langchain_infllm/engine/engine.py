@@ -88,7 +88,9 @@ class InfLLMEngine:
         slices = self.shape.kv_heads if selects_per_head(cfg.retrieval) else 1
         self.rope = RotaryTable(
             model.model.rotary_emb,  # type: ignore[union-attr,arg-type]
-            size=cfg.n_local + cfg.exc_block_size + 1,
+            # Local keys are rotated against the tail start (LayerMemory.rotated_window),
+            # up to a block (the remainder) behind the window.
+            size=cfg.n_local + cfg.block_size + cfg.exc_block_size + 1,
             head_dim=self.shape.head_dim,
             device=self.device,
         )

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from langchain_infllm.engine.retrieval import RetrievalMethod, needs_key_index
+from langchain_infllm.engine.rope import RotaryTable
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,26 @@ class LayerShape:
 # Every field a mutation may replace (see `LayerMemory.checkpoint`).
 _STATE_FIELDS = (
     "init_k", "init_v", "_tail_k", "_tail_v", "_tail_score", "_lo", "_hi", "tail_start",
-    "block_uids", "block_k", "block_v", "block_scores", "_reprs", "_index_k",
+    "block_uids", "block_k", "block_v", "block_scores", "_reprs", "_index_k", "_index_v",
+    "_store_owned",
 )
+
+
+@dataclass
+class _RotatedWindow:
+    """The tail's keys rotated at `position - base`, slot for slot beside the tail buffer.
+
+    Derived state (never saved, never checkpointed): valid only while `source` is still
+    the tail buffer, the slot of position p is still `p + offset`, and the layer still
+    holds exactly the keys up to `end`; every `LayerMemory._commit` drops it.
+    """
+
+    source: torch.Tensor  # the `_tail_k` buffer these keys were rotated from
+    keys: torch.Tensor  # same shape as `source`
+    base: int  # position rotated by angle 0 (the tail start when built)
+    offset: int  # slot of position p is p + offset
+    first: int  # positions [first, end) are rotated
+    end: int
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,18 @@ class LayerMemory:
             torch.empty(kvh, 0, d, dtype=dtype, device=self.repr_device)
             if needs_key_index(retrieval) else None
         )
+        # Where the host is the compute device (CPU) the key index doubles as the block
+        # store: `block_k[b]` / `block_v[b]` are views of `_index_k` / `_index_v`, so the
+        # keys are held once and the retrieved blocks of every KV head are gathered with
+        # one indexing op (`gather_blocks`). A store shared with a fork is never written
+        # in place (`_store_owned` false): the next seal copies it first.
+        self._index_v: torch.Tensor | None = (
+            torch.empty(kvh, 0, d, dtype=dtype, device=host_device)
+            if self._index_k is not None and device == host_device == self.repr_device
+            else None
+        )
+        self._store_owned = True
+        self._rot: _RotatedWindow | None = None
 
     # ------------------------------------------------------------------ views
     @property
@@ -133,6 +164,64 @@ class LayerMemory:
             return None
         return self._index_k[:, : self.n_blocks * self.block_size]
 
+    @property
+    def index_values(self) -> torch.Tensor | None:
+        """Sealed values `[kv_heads, n_blocks * block_size, head_dim]`, where the block
+        store is contiguous (host == device, a method with a key index)."""
+        if self._index_v is None:
+            return None
+        return self._index_v[:, : self.n_blocks * self.block_size]
+
+    def gather_blocks(self, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V `[kv_heads, k * block_size, head_dim]` of blocks `chosen [kv_heads, k]`
+        (each KV head its own blocks, in the given order), straight from the contiguous
+        store: a few tensor ops whatever `k`, no per-block Python."""
+        keys, values = self._index_k, self._index_v
+        if keys is None or values is None or not self.n_blocks:
+            raise RuntimeError("gather_blocks needs the contiguous block store")
+        # The whole store as rows of one block of one head (its capacity is a multiple
+        # of the block size): index_select is ~3x cheaper than advanced indexing here.
+        kvh, capacity, d = keys.shape
+        bs = self.block_size
+        per_head = capacity // bs
+        rows = (chosen + torch.arange(kvh, device=chosen.device)[:, None] * per_head).view(-1)
+        k = keys.view(kvh * per_head, bs, d).index_select(0, rows).view(kvh, -1, d)
+        v = values.view(kvh * per_head, bs, d).index_select(0, rows).view(kvh, -1, d)
+        return k, v
+
+    def rotated_window(
+        self, rope: RotaryTable, start: int, local_lo: int, end: int
+    ) -> tuple[torch.Tensor, int]:
+        """The tail keys at positions `[local_lo, end)` rotated at `position - base`, and
+        `base` (the caller rotates its queries against the same base).
+
+        `base` is the tail start, which moves only when tokens are sealed (every
+        `block_size` tokens once the sinks are full), so a decoded token rotates only its
+        own key; the whole window is rotated again when the base moves or the tail was
+        rebuilt (truncate, rollback, load, fork). The rotated keys depend on the positions
+        alone, never on the history of calls, so a session gives the same results as a
+        fresh one fed the same tokens in the same calls. Angles stay below
+        `n_local + block_size + chunk`, inside the rotary table.
+        """
+        base = self.tail_start
+        offset = self._lo - base
+        a, b = local_lo + offset, end + offset
+        if end - base > rope.size:  # a layout the engine never makes; stay correct anyway
+            return rope.rotate(self._tail_k[:, a:b], 0), local_lo
+        rot = self._rot
+        if (
+            rot is not None and rot.source is self._tail_k and rot.offset == offset
+            and rot.base == base and rot.first <= local_lo and rot.end == start
+        ):
+            s = start + offset
+            rope.rotate(self._tail_k[:, s:b], start - base, out=rot.keys[:, s:b])
+            rot.end = end
+            return rot.keys[:, a:b], base
+        keys = torch.empty_like(self._tail_k)
+        rope.rotate(self._tail_k[:, a:b], local_lo - base, out=keys[:, a:b])
+        self._rot = _RotatedWindow(self._tail_k, keys, base, offset, local_lo, end)
+        return keys[:, a:b], base
+
     def block_span(self, index: int) -> tuple[int, int]:
         start = self.n_init + index * self.block_size
         return start, start + self.block_size
@@ -140,6 +229,8 @@ class LayerMemory:
     def device_bytes(self) -> int:
         """Bytes this layer holds on the compute device (sinks, tail buffers, representatives)."""
         tensors = [self.init_k, self.init_v, self._tail_k, self._tail_v, self._tail_score]
+        if self._rot is not None:
+            tensors.append(self._rot.keys)
         if not self.repr_on_host:
             tensors.extend(self._summaries())
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -249,10 +340,11 @@ class LayerMemory:
                 keys = self.tail_k[:, a : a + bs]
                 values = self.tail_v[:, a : a + bs]
                 scores = self.tail_score[:, a : a + bs]
+                # With a contiguous store the block is copied there once, by _sealed_fields.
                 blocks.append((
                     next_uid(),
-                    self._to_host(keys),
-                    self._to_host(values),
+                    keys if self._index_v is not None else self._to_host(keys),
+                    values if self._index_v is not None else self._to_host(values),
                     scores.to(self.host_device, copy=True),
                     self._representative(keys, scores),
                 ))
@@ -264,8 +356,11 @@ class LayerMemory:
 
     def _commit(self, fields: dict[str, object]) -> None:
         """Replace these fields in one step (a single C call: no KeyboardInterrupt can land
-        between two of them). Callers prepare every value first; this cannot fail."""
-        self.__dict__.update(fields)
+        between two of them). Callers prepare every value first; this cannot fail.
+
+        Every mutation but appending comes through here, so this also drops the derived
+        rotated window (`rotated_window` rebuilds it on next use)."""
+        self.__dict__.update(fields, _rot=None)
 
     def _sealed_fields(
         self, blocks: list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]
@@ -278,16 +373,51 @@ class LayerMemory:
         for i, (_, _, _, _, rep) in enumerate(blocks):
             reprs = self._append_repr(reprs, n + i, rep)
         fields: dict[str, object] = {"_reprs": reprs}
+        fields["block_uids"] = self.block_uids + [b[0] for b in blocks]
+        fields["block_scores"] = self.block_scores + [b[3] for b in blocks]
+        if self._index_v is not None:
+            fields.update(self._stored_blocks([(b[1], b[2]) for b in blocks]))
+            return fields
         if self._index_k is not None:
             index = self._index_k
             for i, (_, keys, _, _, _) in enumerate(blocks):
                 index = self._append_index(index, (n + i) * self.block_size, keys)
             fields["_index_k"] = index
-        fields["block_uids"] = self.block_uids + [b[0] for b in blocks]
         fields["block_k"] = self.block_k + [b[1] for b in blocks]
         fields["block_v"] = self.block_v + [b[2] for b in blocks]
-        fields["block_scores"] = self.block_scores + [b[3] for b in blocks]
         return fields
+
+    def _stored_blocks(self, blocks: list[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, object]:
+        """The store fields with `blocks` (K, V) appended, prepared without changing any.
+
+        Written in place past the blocks held now when this layer owns the store and it
+        has room; else copied into a new store first, and the held blocks' views moved
+        to it (so the old store is freed once no fork shares it).
+        """
+        keys_store, values_store = self._index_k, self._index_v
+        assert keys_store is not None and values_store is not None
+        bs, n = self.block_size, self.n_blocks
+        used, need = n * bs, (n + len(blocks)) * bs
+        block_k, block_v = list(self.block_k), list(self.block_v)
+        owned = self._store_owned
+        if not owned or need > keys_store.shape[1]:
+            capacity = max(16 * bs, 2 * need)
+            kvh, _, d = keys_store.shape
+            grown_k = torch.empty(kvh, capacity, d, dtype=self.dtype, device=self.host_device)
+            grown_v = torch.empty_like(grown_k)
+            grown_k[:, :used] = keys_store[:, :used]
+            grown_v[:, :used] = values_store[:, :used]
+            keys_store, values_store = grown_k, grown_v
+            block_k = [grown_k[:, i * bs : (i + 1) * bs] for i in range(n)]
+            block_v = [grown_v[:, i * bs : (i + 1) * bs] for i in range(n)]
+        for i, (k, v) in enumerate(blocks):
+            a = used + i * bs
+            keys_store[:, a : a + bs] = k
+            values_store[:, a : a + bs] = v
+            block_k.append(keys_store[:, a : a + bs])
+            block_v.append(values_store[:, a : a + bs])
+        return {"_index_k": keys_store, "_index_v": values_store, "_store_owned": True,
+                "block_k": block_k, "block_v": block_v}
 
     def add_sealed_block(
         self,
@@ -401,7 +531,15 @@ class LayerMemory:
         tail_s = torch.cat(parts_s, dim=1)
         if tail_k.shape[1] != keep:
             raise RuntimeError(f"truncate rebuilt {tail_k.shape[1]} tail tokens, expected {keep}")
-        return {
+        fields: dict[str, object] = {}
+        if self._index_v is not None and keep_blocks == 0:
+            # No block left: let the store go (a view-less store would hold its K/V).
+            fields.update(
+                _index_k=torch.empty(kvh, 0, d, dtype=self.dtype, device=self.host_device),
+                _index_v=torch.empty(kvh, 0, d, dtype=self.dtype, device=self.host_device),
+                _store_owned=True,
+            )
+        return fields | {
             "init_k": self.init_k[:, :keep_init].clone(),
             "init_v": self.init_v[:, :keep_init].clone(),
             "block_uids": self.block_uids[:keep_blocks],
@@ -460,6 +598,11 @@ class LayerMemory:
         twin.block_v = list(self.block_v)
         twin.block_scores = list(self.block_scores)
         twin._reprs = self.reprs.clone()
+        twin._rot = None
+        if self._index_v is not None:
+            # Both share the store (the blocks are views of it); neither writes it again.
+            self._store_owned = twin._store_owned = False
+            return twin
         index = self.index_keys
         twin._index_k = None if index is None else index.clone()
         return twin

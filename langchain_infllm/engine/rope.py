@@ -42,11 +42,19 @@ class RotaryTable:
             self._by_dtype[dtype] = tables
         return tables
 
-    def rotate(self, x: torch.Tensor, first: int, *, same: bool = False) -> torch.Tensor:
+    def rotate(
+        self,
+        x: torch.Tensor,
+        first: int,
+        *,
+        same: bool = False,
+        out: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Rotate `x[..., seq, head_dim]` to positions `first, first+1, ...` (or all to
         `first` when `same`). Contiguous positions let us slice the tables, not gather.
 
-        Computed in `x`'s dtype, as the Hugging Face models do.
+        Computed in `x`'s dtype, as the Hugging Face models do; written into `out` (same
+        shape, e.g. a slice of a cache) when given.
         """
         cos_table, sin_table = self._tables(x.dtype)
         if same:
@@ -56,6 +64,6 @@ class RotaryTable:
             cos, sin = cos_table[first : first + seq], sin_table[first : first + seq]
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-        out = x * cos
-        out.addcmul_(rotated, sin)
-        return out
+        result = torch.mul(x, cos, out=out) if out is not None else x * cos
+        result.addcmul_(rotated, sin)
+        return result

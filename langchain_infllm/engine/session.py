@@ -509,6 +509,8 @@ class Session:
             fused=engine.config.fused_attention,
             query_group=engine.config.query_group,
             neighbours=engine.config.neighbours,
+            fast_decode=engine.config.fast_decode,
+            direct_blocks=engine.config.direct_blocks,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
         position_ids = torch.zeros_like(input_ids)
