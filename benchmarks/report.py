@@ -216,6 +216,9 @@ def build() -> str:
     lines += _table_run("agents_recall_layout",
                         "The agents end to end: span moved from the window to retrieved blocks",
                         "benchmarks.agents_recall")
+    lines += _table_run("agents_recall_layout_repo",
+                        "The repository investigator with the new layout",
+                        "benchmarks.agents_recall")
     speed = RESULTS_DIR / "speed_notes.md"
     if speed.exists():
         lines += [speed.read_text().strip(), ""]
