@@ -55,7 +55,9 @@ def _answer(topk: int) -> tuple[str, str, int, float]:
     strict=False,
     reason="open in issue 12: on 2026-12-02 (2-core AMD EPYC, AVX2, bf16 emulated) the model "
     "answered ' the name of the grass that is green' instead of the 33K pass key, where the "
-    "2026-12-01 Xeon run found it; recorded, not hidden: the run still reports XPASS/XFAIL",
+    "2026-12-01 Xeon run found it, and so did a 2-core EPYC with native bf16 (avx512_bf16) on "
+    "2026-12-02 afternoon (XPASS in the clean-clone CI run); recorded, not hidden: the run "
+    "still reports XPASS/XFAIL",
 )
 def test_pass_key_found_with_retrieval_and_lost_without() -> None:
     found, key, n_tokens, _ = _answer(topk=16)
