@@ -216,6 +216,9 @@ def build() -> str:
     lines += _table_run("agents_recall_layout",
                         "The agents end to end: span moved from the window to retrieved blocks",
                         "benchmarks.agents_recall")
+    repo = RESULTS_DIR / "recall-transcript-repo-s0.md"
+    if repo.exists():  # the repository investigator's transcript, replayed per method
+        lines += [("\n" + repo.read_text().strip()).replace("\n# ", "\n### "), ""]
     lines += _table_run("agents_recall_layout_repo",
                         "The repository investigator with the new layout",
                         "benchmarks.agents_recall")
