@@ -511,7 +511,7 @@ def run_task(
 
 def _save_transcript(agent: Any, config: Mapping[str, Any], path: Path) -> None:
     """The thread's whole message list, OpenAI-shaped, so a diagnostic can replay exactly
-    what the agent saw (benchmarks/recall.py ``--transcript``)."""
+    what the agent saw (benchmarks/recall.py ``--transcripts``)."""
     from langchain_core.messages import convert_to_openai_messages
 
     try:

@@ -88,21 +88,39 @@ def _token_index(offsets: Sequence[tuple[int, int]], char: int) -> int:
     return next(i for i, (_, end) in enumerate(offsets) if end > char)
 
 
+def _build_task(agent: str, size: str, seed: int, work: Path) -> Any:
+    from agents import document_reader, repo_investigator
+
+    if agent == "document_reader":
+        return document_reader.build_task(size, seed)
+    if agent == "repo_investigator":
+        return repo_investigator.build_task(size, seed, work / f"ws-{seed}")
+    raise ValueError(f"unknown agent {agent!r}")
+
+
+def _question(q: Any, suffix_ids: list[int], span: tuple[int, int], tokenizer: Any) -> (
+    RecallQuestion
+):
+    """One agent question as a recall question (the value found at token `span`)."""
+    return RecallQuestion(
+        label=q.prompt,
+        suffix_ids=suffix_ids,
+        value=q.answer,
+        value_ids=tokenizer.encode(" " + q.answer, add_special_tokens=False),
+        fact_positions=span,
+        is_correct=partial(_judge, q),
+    )
+
+
 def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> RecallCase:
     """The agent's conversation replayed: every planned call with its real tool result."""
     from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    from agents import document_reader, repo_investigator
     from agents.common import FINISH_WORD
     from langchain_infllm.chat_prompt import PromptRenderer
 
-    if agent == "document_reader":
-        task = document_reader.build_task(size, seed)
-    elif agent == "repo_investigator":
-        task = repo_investigator.build_task(size, seed, work / f"ws-{seed}")
-    else:
-        raise ValueError(f"unknown agent {agent!r}")
+    task = _build_task(agent, size, seed, work)
     tools = {t.name: t for t in task.tools}
     messages: list[Any] = [SystemMessage(task.system_prompt), HumanMessage(task.start_message)]
     results: dict[int, str] = {}
@@ -131,14 +149,7 @@ def agent_case(agent: str, size: str, seed: int, tokenizer: Any, work: Path) -> 
         at = rendered.text.index(results[index])
         char = rendered.text.index(q.answer, at)
         span = (_token_index(offsets, char), _token_index(offsets, char + len(q.answer) - 1) + 1)
-        questions.append(RecallQuestion(
-            label=q.prompt,
-            suffix_ids=rendered.token_ids[common:],
-            value=q.answer,
-            value_ids=tokenizer.encode(" " + q.answer, add_special_tokens=False),
-            fact_positions=span,
-            is_correct=partial(_judge, q),
-        ))
+        questions.append(_question(q, rendered.token_ids[common:], span, tokenizer))
     return RecallCase(agent, seed, renders[0].token_ids[:common], questions,
                       {"size": size, "tokens": len(renders[0].token_ids)})
 
@@ -155,15 +166,9 @@ def transcript_case(
     """
     from langchain_core.utils.function_calling import convert_to_openai_tool
 
-    from agents import document_reader, repo_investigator
     from langchain_infllm.chat_core.prompt import PromptRenderer
 
-    if agent == "document_reader":
-        task = document_reader.build_task(size, seed)
-    elif agent == "repo_investigator":
-        task = repo_investigator.build_task(size, seed, work / f"ws-{seed}")
-    else:
-        raise ValueError(f"unknown agent {agent!r}")
+    task = _build_task(agent, size, seed, work)
     transcript = json.loads(path.read_text(encoding="utf-8"))
     messages = [{"role": "system", "content": task.system_prompt}, *transcript]
     asked = [i for i, m in enumerate(messages) if m["role"] == "user"][1:]
@@ -197,14 +202,7 @@ def transcript_case(
                 for c in m.get("tool_calls") or ()))
         char = full.text.index(q.answer, full.text.index(result))
         span = (_token_index(offsets, char), _token_index(offsets, char + len(q.answer) - 1) + 1)
-        questions.append(RecallQuestion(
-            label=q.prompt,
-            suffix_ids=rendered.token_ids[common:],
-            value=q.answer,
-            value_ids=tokenizer.encode(" " + q.answer, add_special_tokens=False),
-            fact_positions=span,
-            is_correct=partial(_judge, q),
-        ))
+        questions.append(_question(q, rendered.token_ids[common:], span, tokenizer))
     return RecallCase(f"{agent}-transcript", seed, renders[0].token_ids[:common], questions,
                       {"size": size, "tokens": len(full.token_ids), "transcript": str(path)},
                       decoded=decoded)
