@@ -22,6 +22,7 @@ TraceLevel = Literal["off", "summary", "full"]
 CacheStrategy = Literal["lru", "lru-s"]
 RetrievalMethod = Literal["infllm", "maxkey", "maxmass"]
 """Block scoring; `langchain_infllm.engine.retrieval` says what each does."""
+MemoryPositions = Literal["fixed", "exact"]
 
 # Keys of the reference's `model:` section that describe things this package takes from
 # the model itself (rotary base and scaling) or features it does not implement. They are
@@ -88,6 +89,19 @@ class InfLLMConfig(BaseModel):
         description="Where host memory is the compute device (CPU), attend retrieved "
         "blocks straight from the layer's contiguous block store instead of copying them "
         "through the block cache (whose hit/miss counters then stay at zero).",
+    )
+    memory_positions: MemoryPositions = Field(
+        "fixed",
+        description="Where retrieved keys sit: 'fixed' puts every memory key at distance "
+        "n_local (the paper); 'exact' gives them their true distance, capped at "
+        "max_memory_distance, so the model still knows which of two facts came first "
+        "and what follows what.",
+    )
+    max_memory_distance: int | None = Field(
+        None,
+        gt=0,
+        description="'exact' positions: memory keys further away sit at this distance "
+        "(None: the model's native window less one execution chunk).",
     )
     cache_strategy: CacheStrategy = "lru"
     score_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decay for lru-s scores.")

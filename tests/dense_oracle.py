@@ -51,7 +51,10 @@ def _oracle_attention(
     k_near, k_far, v = (repeat_kv(t, groups) for t in (k_near, k_far, value))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     near = (q_near @ k_near.transpose(-1, -2)) * scale
-    far = (q_far @ k_far.transpose(-1, -2)) * scale
+    if plan.get("memory_distance"):
+        far = _exact_far_logits(plan, q_near, k_raw, groups, length) * scale
+    else:
+        far = (q_far @ k_far.transpose(-1, -2)) * scale
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
     is_near = (i - j >= 0) & (i - j < n_local)
@@ -61,6 +64,23 @@ def _oracle_attention(
     logits = logits.masked_fill(~(is_near | visible_far), float("-inf"))
     probs = torch.softmax(logits.float(), dim=-1).to(v.dtype)
     return (probs @ v).transpose(1, 2), None
+
+
+def _exact_far_logits(
+    plan: dict[str, Any], q: torch.Tensor, k_raw: torch.Tensor, groups: int, length: int
+) -> torch.Tensor:
+    """`memory_positions: exact`: a far key j, seen from the execution chunk that starts
+    at s, sits at position max(j, s - D); queries keep their own positions."""
+    rotary, cap = plan["rotary"], plan["memory_distance"]
+    logits = torch.empty(q.shape[0], q.shape[1], length, length, dtype=q.dtype)
+    j = torch.arange(length)
+    for start, end in plan["exec_chunks"]:
+        virtual = torch.clamp(j, min=start - cap)[None]
+        cos, sin = rotary(k_raw, virtual)
+        _, k_far = apply_rotary_pos_emb(k_raw, k_raw, cos, sin)  # cos carries the scaling
+        k_far = repeat_kv(k_far, groups)
+        logits[:, :, start:end] = q[:, :, start:end] @ k_far.transpose(-1, -2)
+    return logits
 
 
 def _far_allowed(
@@ -102,8 +122,13 @@ def dense_oracle_logits(
     block_size: int,
     records: list[Any] | None = None,
     chunks: list[tuple[int, int]] | None = None,
+    memory_distance: int = 0,
+    exec_chunks: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
-    """Logits at every position `[len, vocab]`; `records` restricts far keys per chunk."""
+    """Logits at every position `[len, vocab]`; `records` restricts far keys per chunk.
+
+    `memory_distance` > 0 models `memory_positions: exact` (far keys at their true
+    position, at most that far from the first query of their `exec_chunks` chunk)."""
     AttentionInterface.register(ORACLE, _oracle_attention)
     AttentionMaskInterface.register(ORACLE, _no_mask)
     model.set_attn_implementation(ORACLE)
@@ -112,6 +137,8 @@ def dense_oracle_logits(
         "n_init": n_init,
         "block_size": block_size,
         "rotary": model.model.rotary_emb,
+        "memory_distance": memory_distance,
+        "exec_chunks": exec_chunks or chunks,
     }
     if records is not None or chunks is not None:
         records = records or []

@@ -152,3 +152,76 @@ def test_low_precision_tracks_dense_oracle(dtype: torch.dtype, retrieval: str) -
     assert out.logits is not None
     assert torch.isfinite(out.logits).all()
     torch.testing.assert_close(out.logits, expected[-1], atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_exact_positions_with_all_blocks_equal_the_unmodified_model(
+    arch: str, direct: bool
+) -> None:
+    """`memory_positions: exact` with every block attended and no cap in reach is plain
+    causal attention: the engine must equal the model run the usual way."""
+    model, reference = tiny_pair(arch, seed=7)
+    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=40, max_cached_block=40,
+                          exc_block_size=7, chunk_size=19, retrieval="maxkey",
+                          memory_positions="exact", direct_blocks=direct)
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(len(arch))
+    ids = [rng.randrange(97) for _ in range(163)]
+    with torch.no_grad():
+        expected = reference(torch.tensor([ids])).logits[0]
+    session = engine.new_session()
+    pos = 0
+    for size in _pieces(rng, len(ids)):
+        out = session.append(ids[pos : pos + size])
+        pos += size
+        assert out.logits is not None
+        torch.testing.assert_close(out.logits, expected[pos - 1], atol=ATOL, rtol=0)
+    assert session.n_blocks > 10
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize(("retrieval", "topk"), [("maxkey", 3), ("infllm", 2), ("maxkey", 40)])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama31"])
+def test_exact_positions_match_oracle_with_a_capped_distance(
+    arch: str, retrieval: str, topk: int, direct: bool
+) -> None:
+    """Exact positions capped at `max_memory_distance`, restricted to the reported
+    blocks, against the dense oracle that places each far key at max(j, s - cap)."""
+    model, reference = tiny_pair(arch, seed=topk)
+    cap = 41
+    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=40,
+                          repr_topk=2, exc_block_size=7, chunk_size=19, trace="full",
+                          retrieval=retrieval, memory_positions="exact",  # type: ignore[arg-type]
+                          max_memory_distance=cap, direct_blocks=direct)
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(200 + topk)
+    ids = [rng.randrange(97) for _ in range(157)]
+    pieces = _pieces(rng, len(ids))
+    session = engine.new_session()
+    outputs = []
+    pos = 0
+    for size in pieces:
+        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
+        pos += size
+    records = session.drain_retrievals()
+    chunks = _exec_chunks(pieces, 19, 7)
+    expected = dense_oracle_logits(
+        reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,
+        memory_distance=cap,
+    )
+    uncapped = dense_oracle_logits(
+        reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,
+        memory_distance=10_000,
+    )
+    assert (expected - uncapped).abs().max() > 1e-3, "the cap must matter here"
+    for position, logits in outputs:
+        torch.testing.assert_close(logits, expected[position], atol=ATOL, rtol=0)
+
+
+def test_exact_positions_cap_must_reach_past_the_window() -> None:
+    model, _ = tiny_pair("llama", seed=0)
+    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=2, max_cached_block=4,
+                          memory_positions="exact", max_memory_distance=10)
+    with pytest.raises(ValueError, match="max_memory_distance"):
+        InfLLMEngine(model, None, config)

@@ -73,6 +73,9 @@ class InfLLMForwardContext:
     direct_blocks: bool = False
     """Gather retrieved blocks straight from the layer's contiguous store where it has
     one (host == device), instead of copying them through the block cache."""
+    memory_distance: int = 0
+    """0: every memory key at distance `n_local` (the paper). Otherwise memory keys at
+    their true distance from the chunk's first query, capped at this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ def attend_chunk(
     pending = None
     selection = None
     direct: tuple[torch.Tensor, torch.Tensor] | None = None
+    direct_ids: torch.Tensor | None = None
     if ctx.topk > 0 and memory.n_blocks > 0:
         scores = score_blocks(
             memory.retrieval,
@@ -174,11 +178,11 @@ def attend_chunk(
             # Host memory is the device: no copies to make, so no cache and no host sync
             # unless a record wants the block ids.
             if ctx.record is None:
-                direct = memory.gather_blocks(top_block_ids(scores, ctx.topk))
+                direct_ids = top_block_ids(scores, ctx.topk)
             else:
-                chosen_t, best_t = top_blocks(scores, ctx.topk)
-                direct = memory.gather_blocks(chosen_t)
-                selection = selection_of(scores, chosen_t, best_t)
+                direct_ids, best_t = top_blocks(scores, ctx.topk)
+                selection = selection_of(scores, direct_ids, best_t)
+            direct = memory.gather_blocks(direct_ids)
         else:
             selection = select_blocks(scores, ctx.topk)
             pending = _fetch(cache, memory, selection)
@@ -226,7 +230,14 @@ def attend_chunk(
     mem_k = torch.cat(mem_k_parts, dim=1)
     mem_v = torch.cat(mem_v_parts, dim=1)
     layout = (start, end, local_lo, tail_start, n_rem)
-    q_far = q_mem.reshape(kv_heads, groups * c, d)
+    if ctx.memory_distance:
+        blocks = direct_ids if direct is not None else _selected_blocks(selection, q.device)
+        positions = memory_positions(memory, blocks, tail_start, n_rem, q.device)
+        base = max(0, start - ctx.memory_distance)
+        mem_k = ctx.rope.rotate_at(mem_k, positions.clamp_min(base) - base)
+        q_far = ctx.rope.rotate(q, start - base).reshape(kv_heads, groups * c, d)
+    else:
+        q_far = q_mem.reshape(kv_heads, groups * c, d)
     if ctx.fused and not needs_attention_mass(memory.retrieval):
         # Local keys and queries rotated against one base; only their distance matters.
         if ctx.fast_decode:
@@ -240,6 +251,34 @@ def attend_chunk(
         out = _reference_chunk(ctx, memory, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v)
     memory.seal(end - n_local + 1, ctx.next_uid)
     return out.reshape(heads, c, d).to(out_dtype)
+
+
+def _selected_blocks(selection: Selection | None, device: torch.device) -> torch.Tensor | None:
+    """The fetched blocks as `[rows, k]` indices, in the order `_fetch` gathered them."""
+    if selection is None:
+        return None
+    rows = [selection.blocks] if selection.shared else selection.per_head
+    return torch.tensor(rows, dtype=torch.long, device=device)
+
+
+def memory_positions(
+    memory: LayerMemory,
+    blocks: torch.Tensor | None,
+    tail_start: int,
+    n_rem: int,
+    device: torch.device,
+) -> torch.Tensor:
+    """True positions `[rows, n_mem]` of the memory keys, in `mem_k`'s order: sinks, the
+    retrieved blocks (`blocks [rows, k]`, one row per KV head or one shared row), the
+    remainder of the tail."""
+    rows = 1 if blocks is None else blocks.shape[0]
+    parts = [torch.arange(memory.init_k.shape[1], device=device).expand(rows, -1)]
+    if blocks is not None:
+        offsets = torch.arange(memory.block_size, device=device)
+        starts = memory.n_init + blocks * memory.block_size
+        parts.append((starts[..., None] + offsets).reshape(rows, -1))
+    parts.append(torch.arange(tail_start, tail_start + n_rem, device=device).expand(rows, -1))
+    return torch.cat(parts, dim=1)
 
 
 def _reference_chunk(

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from langchain_infllm.config import InfLLMConfig
+from langchain_infllm.config import ConfigError, InfLLMConfig
 from langchain_infllm.engine import persistence
 from langchain_infllm.engine.architectures import check_supported, layer_shape
 from langchain_infllm.engine.attention import ATTENTION_NAME, infllm_attention_forward
@@ -48,6 +48,25 @@ def register_attention() -> None:
     with _REGISTER_LOCK:
         AttentionInterface.register(ATTENTION_NAME, infllm_attention_forward)
         AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
+
+
+def memory_distance(config: InfLLMConfig, model_config: Any) -> int:
+    """The cap on a memory key's distance under `memory_positions: exact` (0: fixed).
+
+    By default the model's native window less one execution chunk, so that every
+    distance a query sees is one the model was trained on.
+    """
+    if config.memory_positions == "fixed":
+        return 0
+    if config.max_memory_distance is not None:
+        if config.max_memory_distance < config.n_local:
+            raise ConfigError(
+                f"max_memory_distance ({config.max_memory_distance}) must be >= n_local "
+                f"({config.n_local}): memory keys lie beyond the local window"
+            )
+        return config.max_memory_distance
+    native = int(getattr(model_config, "max_position_embeddings", 0) or 0)
+    return max(native - config.exc_block_size, config.n_local)
 
 
 class InfLLMEngine:
@@ -86,11 +105,14 @@ class InfLLMEngine:
         cfg = self.config
         # Per-head methods cache one KV head's slice per entry: the same device bytes.
         slices = self.shape.kv_heads if selects_per_head(cfg.retrieval) else 1
+        self.memory_distance = memory_distance(cfg, model_config)
         self.rope = RotaryTable(
             model.model.rotary_emb,  # type: ignore[union-attr,arg-type]
             # Local keys are rotated against the tail start (LayerMemory.rotated_window),
-            # up to a block (the remainder) behind the window.
-            size=cfg.n_local + cfg.block_size + cfg.exc_block_size + 1,
+            # up to a block (the remainder) behind the window; exact memory positions
+            # reach `memory_distance` plus a chunk.
+            size=max(cfg.n_local + cfg.block_size, self.memory_distance)
+            + cfg.exc_block_size + 1,
             head_dim=self.shape.head_dim,
             device=self.device,
         )

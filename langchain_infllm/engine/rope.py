@@ -67,3 +67,15 @@ class RotaryTable:
         result = torch.mul(x, cos, out=out) if out is not None else x * cos
         result.addcmul_(rotated, sin)
         return result
+
+    def rotate_at(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Rotate `x [rows, seq, head_dim]` to `positions [rows or 1, seq]` (any order).
+
+        For keys gathered from scattered blocks (`memory_positions: exact`); a gather
+        of the tables, where `rotate` slices them.
+        """
+        cos_table, sin_table = self._tables(x.dtype)
+        cos, sin = cos_table[positions], sin_table[positions]
+        half = x.shape[-1] // 2
+        rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return (x * cos).addcmul_(rotated, sin)
