@@ -22,7 +22,7 @@ TraceLevel = Literal["off", "summary", "full"]
 CacheStrategy = Literal["lru", "lru-s"]
 RetrievalMethod = Literal["infllm", "maxkey", "maxmass"]
 """Block scoring; `langchain_infllm.engine.retrieval` says what each does."""
-MemoryPositions = Literal["fixed", "exact"]
+MemoryPositions = Literal["fixed", "exact", "compact"]
 
 # Keys of the reference's `model:` section that describe things this package takes from
 # the model itself (rotary base and scaling) or features it does not implement. They are
@@ -95,7 +95,8 @@ class InfLLMConfig(BaseModel):
         description="Where retrieved keys sit: 'fixed' puts every memory key at distance "
         "n_local (the paper); 'exact' gives them their true distance, capped at "
         "max_memory_distance, so the model still knows which of two facts came first "
-        "and what follows what.",
+        "and what follows what; 'compact' keeps their order but packs the attended keys "
+        "next to each other just behind the window (distances stay small at any length).",
     )
     max_memory_distance: int | None = Field(
         None,
@@ -212,6 +213,10 @@ class InfLLMConfig(BaseModel):
             # Other methods keep no attention mass, so their snapshots are not the paper's
             # (and paper snapshots keep their old fingerprint).
             fields.add("retrieval")
+        if self.memory_positions != "fixed":
+            # The keys and values of every later token were computed through the memory,
+            # so a session built with exact positions is not one built with fixed ones.
+            fields.update({"memory_positions", "max_memory_distance"})
         relevant = self.model_dump(include=fields)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

@@ -51,14 +51,16 @@ def _oracle_attention(
     k_near, k_far, v = (repeat_kv(t, groups) for t in (k_near, k_far, value))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     near = (q_near @ k_near.transpose(-1, -2)) * scale
-    if plan.get("memory_distance"):
+    allowed = _far_allowed(plan, module.layer_idx, length, n_init, bs, key.shape[1])
+    if plan.get("memory_positions") == "compact":
+        far = _compact_far_logits(plan, q_raw, k_raw, allowed, groups, length) * scale
+    elif plan.get("memory_distance"):
         far = _exact_far_logits(plan, q_near, k_raw, groups, length) * scale
     else:
         far = (q_far @ k_far.transpose(-1, -2)) * scale
     i = torch.arange(length)[:, None]
     j = torch.arange(length)[None, :]
     is_near = (i - j >= 0) & (i - j < n_local)
-    allowed = _far_allowed(plan, module.layer_idx, length, n_init, bs, key.shape[1])
     visible_far = (i - j >= n_local) & allowed.repeat_interleave(groups, dim=0)
     logits = torch.where(is_near, near, far)
     logits = logits.masked_fill(~(is_near | visible_far), float("-inf"))
@@ -80,6 +82,40 @@ def _exact_far_logits(
         _, k_far = apply_rotary_pos_emb(k_raw, k_raw, cos, sin)  # cos carries the scaling
         k_far = repeat_kv(k_far, groups)
         logits[:, :, start:end] = q[:, :, start:end] @ k_far.transpose(-1, -2)
+    return logits
+
+
+def _compact_far_logits(
+    plan: dict[str, Any],
+    q_raw: torch.Tensor,
+    k_raw: torch.Tensor,
+    allowed: torch.Tensor,
+    groups: int,
+    length: int,
+) -> torch.Tensor:
+    """`memory_positions: compact`: the far keys an execution chunk [s, e) may see
+    through KV head h (sinks, its blocks, keys not yet sealed, all at least n_local
+    behind the chunk's last query) sit at positions 0, 1, ... in their order; query i at
+    (their count - 1) + n_local + (i - s)."""
+    rotary, n_local = plan["rotary"], plan["n_local"]
+    logits = torch.full((q_raw.shape[0], q_raw.shape[1], length, length), float("nan"))
+    j = torch.arange(length)
+    for start, end in plan["exec_chunks"]:
+        for h in range(k_raw.shape[1]):
+            far = torch.nonzero(allowed[h, start] & (j <= end - 1 - n_local))[:, 0]
+            if not len(far):
+                continue
+            k_cos, k_sin = rotary(k_raw, torch.arange(len(far))[None])
+            first = len(far) - 1 + n_local
+            q_cos, q_sin = rotary(q_raw, torch.arange(first, first + end - start)[None])
+            heads = slice(h * groups, (h + 1) * groups)
+            q_rot, _ = apply_rotary_pos_emb(
+                q_raw[:, heads, start:end], q_raw[:, heads, start:end], q_cos, q_sin
+            )
+            _, k_rot = apply_rotary_pos_emb(
+                k_raw[:, h : h + 1, far], k_raw[:, h : h + 1, far], k_cos, k_sin
+            )
+            logits[:, heads, start:end, far] = q_rot @ k_rot.transpose(-1, -2)
     return logits
 
 
@@ -123,12 +159,14 @@ def dense_oracle_logits(
     records: list[Any] | None = None,
     chunks: list[tuple[int, int]] | None = None,
     memory_distance: int = 0,
+    memory_positions: str = "fixed",
     exec_chunks: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Logits at every position `[len, vocab]`; `records` restricts far keys per chunk.
 
     `memory_distance` > 0 models `memory_positions: exact` (far keys at their true
-    position, at most that far from the first query of their `exec_chunks` chunk)."""
+    position, at most that far from the first query of their `exec_chunks` chunk);
+    `memory_positions="compact"` packs the far keys each chunk may see (`exec_chunks`)."""
     AttentionInterface.register(ORACLE, _oracle_attention)
     AttentionMaskInterface.register(ORACLE, _no_mask)
     model.set_attn_implementation(ORACLE)
@@ -138,6 +176,7 @@ def dense_oracle_logits(
         "block_size": block_size,
         "rotary": model.model.rotary_emb,
         "memory_distance": memory_distance,
+        "memory_positions": memory_positions,
         "exec_chunks": exec_chunks or chunks,
     }
     if records is not None or chunks is not None:

@@ -225,3 +225,40 @@ def test_exact_positions_cap_must_reach_past_the_window() -> None:
                           memory_positions="exact", max_memory_distance=10)
     with pytest.raises(ValueError, match="max_memory_distance"):
         InfLLMEngine(model, None, config)
+
+
+@pytest.mark.parametrize("direct", [False, True])
+@pytest.mark.parametrize(("retrieval", "topk"), [("maxkey", 3), ("infllm", 2), ("maxkey", 40)])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama31"])
+def test_compact_positions_match_oracle(
+    arch: str, retrieval: str, topk: int, direct: bool
+) -> None:
+    """`memory_positions: compact` against the dense oracle that packs, per chunk and KV
+    head, the far keys it may see in their order just behind the window."""
+    model, reference = tiny_pair(arch, seed=topk + 1)
+    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=40,
+                          repr_topk=2, exc_block_size=7, chunk_size=19, trace="full",
+                          retrieval=retrieval, memory_positions="compact",  # type: ignore[arg-type]
+                          direct_blocks=direct)
+    engine = InfLLMEngine(model, None, config)
+    rng = random.Random(300 + topk)
+    ids = [rng.randrange(97) for _ in range(157)]
+    pieces = _pieces(rng, len(ids))
+    session = engine.new_session()
+    outputs = []
+    pos = 0
+    for size in pieces:
+        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
+        pos += size
+    records = session.drain_retrievals()
+    chunks = _exec_chunks(pieces, 19, 7)
+    expected = dense_oracle_logits(
+        reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,
+        memory_positions="compact",
+    )
+    fixed = dense_oracle_logits(
+        reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,
+    )
+    assert (expected - fixed).abs().max() > 1e-3, "packing must differ from fixed positions"
+    for position, logits in outputs:
+        torch.testing.assert_close(logits, expected[position], atol=ATOL, rtol=0)

@@ -73,9 +73,11 @@ class InfLLMForwardContext:
     direct_blocks: bool = False
     """Gather retrieved blocks straight from the layer's contiguous store where it has
     one (host == device), instead of copying them through the block cache."""
+    memory_positions: str = "fixed"
+    """Where memory keys sit (`InfLLMConfig.memory_positions`): 'fixed' at distance
+    `n_local` (the paper), 'exact' at their true distance capped at `memory_distance`,
+    'compact' in their order, packed next to each other just behind the window."""
     memory_distance: int = 0
-    """0: every memory key at distance `n_local` (the paper). Otherwise memory keys at
-    their true distance from the chunk's first query, capped at this many tokens."""
 
 
 @dataclass(frozen=True)
@@ -230,7 +232,12 @@ def attend_chunk(
     mem_k = torch.cat(mem_k_parts, dim=1)
     mem_v = torch.cat(mem_v_parts, dim=1)
     layout = (start, end, local_lo, tail_start, n_rem)
-    if ctx.memory_distance:
+    if ctx.memory_positions == "compact":
+        # The attended memory keys as one contiguous run ending `n_local` before the first
+        # query: order and adjacency kept, every distance as small as the paper's.
+        mem_k = ctx.rope.rotate(mem_k, 0)
+        q_far = ctx.rope.rotate(q, mem_k.shape[1] - 1 + n_local).reshape(kv_heads, groups * c, d)
+    elif ctx.memory_positions == "exact":
         blocks = direct_ids if direct is not None else _selected_blocks(selection, q.device)
         positions = memory_positions(memory, blocks, tail_start, n_rem, q.device)
         base = max(0, start - ctx.memory_distance)

@@ -50,13 +50,22 @@ def register_attention() -> None:
         AttentionMaskInterface.register(ATTENTION_NAME, _no_mask)
 
 
+def compact_reach(config: InfLLMConfig) -> int:
+    """The farthest a query reaches under `memory_positions: compact` less one chunk:
+    sinks, the retrieved blocks and the unsealed remainder packed behind the window."""
+    if config.memory_positions != "compact":
+        return 0
+    remainder = config.block_size + config.exc_block_size
+    return config.n_init + config.topk * config.block_size + remainder + config.n_local
+
+
 def memory_distance(config: InfLLMConfig, model_config: Any) -> int:
     """The cap on a memory key's distance under `memory_positions: exact` (0: fixed).
 
     By default the model's native window less one execution chunk, so that every
     distance a query sees is one the model was trained on.
     """
-    if config.memory_positions == "fixed":
+    if config.memory_positions != "exact":
         return 0
     if config.max_memory_distance is not None:
         if config.max_memory_distance < config.n_local:
@@ -111,7 +120,7 @@ class InfLLMEngine:
             # Local keys are rotated against the tail start (LayerMemory.rotated_window),
             # up to a block (the remainder) behind the window; exact memory positions
             # reach `memory_distance` plus a chunk.
-            size=max(cfg.n_local + cfg.block_size, self.memory_distance)
+            size=max(cfg.n_local + cfg.block_size, self.memory_distance, compact_reach(cfg))
             + cfg.exc_block_size + 1,
             head_dim=self.shape.head_dim,
             device=self.device,

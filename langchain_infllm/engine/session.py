@@ -511,6 +511,7 @@ class Session:
             neighbours=engine.config.neighbours,
             fast_decode=engine.config.fast_decode,
             direct_blocks=engine.config.direct_blocks,
+            memory_positions=engine.config.memory_positions,
             memory_distance=engine.memory_distance,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
