@@ -104,6 +104,13 @@ class InfLLMConfig(BaseModel):
         description="'exact' positions: memory keys further away sit at this distance "
         "(None: the model's native window less one execution chunk).",
     )
+    position_group: int = Field(
+        1,
+        gt=0,
+        description="'compact' positions: consecutive memory keys sharing one position "
+        "(1: every key its own; larger packs the memory closer to the window, as "
+        "Self-Extend groups far positions).",
+    )
     cache_strategy: CacheStrategy = "lru"
     score_decay: float = Field(0.1, ge=0.0, le=1.0, description="Decay for lru-s scores.")
     async_global_stream: bool = Field(True, description="Copy blocks on a side CUDA stream.")
@@ -216,7 +223,7 @@ class InfLLMConfig(BaseModel):
         if self.memory_positions != "fixed":
             # The keys and values of every later token were computed through the memory,
             # so a session built with exact positions is not one built with fixed ones.
-            fields.update({"memory_positions", "max_memory_distance"})
+            fields.update({"memory_positions", "max_memory_distance", "position_group"})
         relevant = self.model_dump(include=fields)
         return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
 

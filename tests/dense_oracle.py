@@ -96,7 +96,8 @@ def _compact_far_logits(
     """`memory_positions: compact`: the far keys an execution chunk [s, e) may see
     through KV head h (sinks, its blocks, keys not yet sealed, all at least n_local
     behind the chunk's last query) sit at positions 0, 1, ... in their order; query i at
-    (their count - 1) + n_local + (i - s)."""
+    (their count - 1) + n_local + (i - s); with `position_group` g, key r at r // g and
+    the first query at (count - 1) // g + n_local."""
     rotary, n_local = plan["rotary"], plan["n_local"]
     logits = torch.full((q_raw.shape[0], q_raw.shape[1], length, length), float("nan"))
     j = torch.arange(length)
@@ -105,8 +106,9 @@ def _compact_far_logits(
             far = torch.nonzero(allowed[h, start] & (j <= end - 1 - n_local))[:, 0]
             if not len(far):
                 continue
-            k_cos, k_sin = rotary(k_raw, torch.arange(len(far))[None])
-            first = len(far) - 1 + n_local
+            group = plan["position_group"]
+            k_cos, k_sin = rotary(k_raw, (torch.arange(len(far)) // group)[None])
+            first = (len(far) - 1) // group + n_local
             q_cos, q_sin = rotary(q_raw, torch.arange(first, first + end - start)[None])
             heads = slice(h * groups, (h + 1) * groups)
             q_rot, _ = apply_rotary_pos_emb(
@@ -160,6 +162,7 @@ def dense_oracle_logits(
     chunks: list[tuple[int, int]] | None = None,
     memory_distance: int = 0,
     memory_positions: str = "fixed",
+    position_group: int = 1,
     exec_chunks: list[tuple[int, int]] | None = None,
 ) -> torch.Tensor:
     """Logits at every position `[len, vocab]`; `records` restricts far keys per chunk.
@@ -177,6 +180,7 @@ def dense_oracle_logits(
         "rotary": model.model.rotary_emb,
         "memory_distance": memory_distance,
         "memory_positions": memory_positions,
+        "position_group": position_group,
         "exec_chunks": exec_chunks or chunks,
     }
     if records is not None or chunks is not None:

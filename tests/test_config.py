@@ -110,6 +110,16 @@ def test_fingerprint_tracks_memory_layout_only() -> None:
         assert InfLLMConfig.create(**change).fingerprint() != base.fingerprint()
 
 
+def test_fingerprint_tells_memory_positions_apart() -> None:
+    """Every later token's keys were computed through the memory, so a session built with
+    one placement of memory keys must not load into an engine with another."""
+    prints = {InfLLMConfig.create(memory_positions=p).fingerprint()  # type: ignore[arg-type]
+              for p in ("fixed", "exact", "compact")}
+    assert len(prints) == 3
+    with pytest.raises(ValueError, match="memory_positions"):
+        InfLLMConfig.create(memory_positions="sliding")
+
+
 # ------------------------------------------------------------------- from_yaml
 def test_reference_layout_loads(tmp_path: Path) -> None:
     config = InfLLMConfig.from_yaml(write(tmp_path, REFERENCE))

@@ -227,11 +227,12 @@ def test_exact_positions_cap_must_reach_past_the_window() -> None:
         InfLLMEngine(model, None, config)
 
 
+@pytest.mark.parametrize("group", [1, 3])
 @pytest.mark.parametrize("direct", [False, True])
 @pytest.mark.parametrize(("retrieval", "topk"), [("maxkey", 3), ("infllm", 2), ("maxkey", 40)])
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "llama31"])
 def test_compact_positions_match_oracle(
-    arch: str, retrieval: str, topk: int, direct: bool
+    arch: str, retrieval: str, topk: int, direct: bool, group: int
 ) -> None:
     """`memory_positions: compact` against the dense oracle that packs, per chunk and KV
     head, the far keys it may see in their order just behind the window."""
@@ -239,7 +240,7 @@ def test_compact_positions_match_oracle(
     config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=topk, max_cached_block=40,
                           repr_topk=2, exc_block_size=7, chunk_size=19, trace="full",
                           retrieval=retrieval, memory_positions="compact",  # type: ignore[arg-type]
-                          direct_blocks=direct)
+                          position_group=group, direct_blocks=direct)
     engine = InfLLMEngine(model, None, config)
     rng = random.Random(300 + topk)
     ids = [rng.randrange(97) for _ in range(157)]
@@ -254,7 +255,7 @@ def test_compact_positions_match_oracle(
     chunks = _exec_chunks(pieces, 19, 7)
     expected = dense_oracle_logits(
         reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,
-        memory_positions="compact",
+        memory_positions="compact", position_group=group,
     )
     fixed = dense_oracle_logits(
         reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,

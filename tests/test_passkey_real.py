@@ -33,7 +33,8 @@ def _answer(topk: int) -> tuple[str, str, int, float]:
     # default (maxkey, 32-token blocks) this 33K case failed in the 2026-12-02 run (open
     # in issue 12; see benchmarks/RESULTS.md).
     config = InfLLMConfig.create(**{**base, "topk": topk, "max_cached_block": max(16, 2 * topk),
-                                    "retrieval": "infllm", "block_size": 64})
+                                    "retrieval": "infllm", "block_size": 64,
+                                    "memory_positions": "fixed"})
     engine = InfLLMEngine.from_pretrained(MODEL, config, device="cpu", dtype=torch.bfloat16)
     tok = engine.tokenizer
 

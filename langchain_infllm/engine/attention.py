@@ -78,6 +78,8 @@ class InfLLMForwardContext:
     `n_local` (the paper), 'exact' at their true distance capped at `memory_distance`,
     'compact' in their order, packed next to each other just behind the window."""
     memory_distance: int = 0
+    position_group: int = 1
+    """'compact': consecutive memory keys that share one position."""
 
 
 @dataclass(frozen=True)
@@ -233,10 +235,15 @@ def attend_chunk(
     mem_v = torch.cat(mem_v_parts, dim=1)
     layout = (start, end, local_lo, tail_start, n_rem)
     if ctx.memory_positions == "compact":
-        # The attended memory keys as one contiguous run ending `n_local` before the first
-        # query: order and adjacency kept, every distance as small as the paper's.
-        mem_k = ctx.rope.rotate(mem_k, 0)
-        q_far = ctx.rope.rotate(q, mem_k.shape[1] - 1 + n_local).reshape(kv_heads, groups * c, d)
+        # The attended memory keys as one run ending `n_local` before the first query,
+        # `position_group` consecutive keys per position: order kept, distances small.
+        n_mem, g = mem_k.shape[1], ctx.position_group
+        if g == 1:
+            mem_k = ctx.rope.rotate(mem_k, 0)
+        else:
+            mem_k = ctx.rope.rotate_at(mem_k, _grouped_positions(n_mem, g, q.device))
+        q_first = (n_mem - 1) // g + n_local
+        q_far = ctx.rope.rotate(q, q_first).reshape(kv_heads, groups * c, d)
     elif ctx.memory_positions == "exact":
         blocks = direct_ids if direct is not None else _selected_blocks(selection, q.device)
         positions = memory_positions(memory, blocks, tail_start, n_rem, q.device)
@@ -258,6 +265,10 @@ def attend_chunk(
         out = _reference_chunk(ctx, memory, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v)
     memory.seal(end - n_local + 1, ctx.next_uid)
     return out.reshape(heads, c, d).to(out_dtype)
+
+
+def _grouped_positions(n: int, group: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(n, device=device) // group)[None]
 
 
 def _selected_blocks(selection: Selection | None, device: torch.device) -> torch.Tensor | None:

@@ -513,6 +513,7 @@ class Session:
             direct_blocks=engine.config.direct_blocks,
             memory_positions=engine.config.memory_positions,
             memory_distance=engine.memory_distance,
+            position_group=engine.config.position_group,
         )
         input_ids = torch.tensor([ids], dtype=torch.long, device=engine.device)
         position_ids = torch.zeros_like(input_ids)
