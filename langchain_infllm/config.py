@@ -143,6 +143,16 @@ class InfLLMConfig(BaseModel):
             )
         if self.dense_decoding:
             raise ValueError("dense_decoding=true is not supported: decoding uses the memory")
+        if self.max_memory_distance is not None:
+            if self.memory_positions != "exact":
+                raise ValueError("max_memory_distance applies only to memory_positions: exact")
+            if self.max_memory_distance < self.n_local:
+                raise ValueError(
+                    f"max_memory_distance ({self.max_memory_distance}) must be >= n_local "
+                    f"({self.n_local}): memory keys lie beyond the local window"
+                )
+        if self.position_group != 1 and self.memory_positions != "compact":
+            raise ValueError("position_group applies only to memory_positions: compact")
         return self
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import pytest
 import torch
@@ -32,6 +33,20 @@ def _exec_chunks(pieces: list[int], chunk_size: int, exc: int) -> list[tuple[int
                 chunks.append((pos + b, pos + min(call, b + exc)))
             pos += call
     return chunks
+
+
+def _append_in_pieces(
+    engine: InfLLMEngine, ids: list[int], pieces: list[int]
+) -> tuple[list[tuple[int, torch.Tensor | None]], list[Any]]:
+    """Append `ids` in `pieces` to a new session: (last position, logits) per append and
+    the retrieval records of the whole run."""
+    session = engine.new_session()
+    outputs = []
+    pos = 0
+    for size in pieces:
+        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
+        pos += size
+    return outputs, session.drain_retrievals()
 
 
 @pytest.mark.parametrize("retrieval", RETRIEVAL_METHODS)
@@ -100,13 +115,7 @@ def test_long_context_matches_oracle_restricted_to_selection(
     rng = random.Random(100 + topk)
     ids = [rng.randrange(97) for _ in range(157)]
     pieces = _pieces(rng, len(ids))
-    session = engine.new_session()
-    outputs = []
-    pos = 0
-    for size in pieces:
-        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
-        pos += size
-    records = session.drain_retrievals()
+    outputs, records = _append_in_pieces(engine, ids, pieces)
     if topk:
         assert records, "blocks were sealed, so retrievals must be recorded"
         rows = [row for r in records for row in (r.head_block_ids or (r.block_ids,))]
@@ -198,13 +207,7 @@ def test_exact_positions_match_oracle_with_a_capped_distance(
     rng = random.Random(200 + topk)
     ids = [rng.randrange(97) for _ in range(157)]
     pieces = _pieces(rng, len(ids))
-    session = engine.new_session()
-    outputs = []
-    pos = 0
-    for size in pieces:
-        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
-        pos += size
-    records = session.drain_retrievals()
+    outputs, records = _append_in_pieces(engine, ids, pieces)
     chunks = _exec_chunks(pieces, 19, 7)
     expected = dense_oracle_logits(
         reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,
@@ -220,11 +223,13 @@ def test_exact_positions_match_oracle_with_a_capped_distance(
 
 
 def test_exact_positions_cap_must_reach_past_the_window() -> None:
-    model, _ = tiny_pair("llama", seed=0)
-    config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=2, max_cached_block=4,
-                          memory_positions="exact", max_memory_distance=10)
     with pytest.raises(ValueError, match="max_memory_distance"):
-        InfLLMEngine(model, None, config)
+        InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=2, max_cached_block=4,
+                     memory_positions="exact", max_memory_distance=10)
+    with pytest.raises(ValueError, match="max_memory_distance"):  # a knob of another mode
+        InfLLMConfig(memory_positions="compact", max_memory_distance=8192)
+    with pytest.raises(ValueError, match="position_group"):
+        InfLLMConfig(memory_positions="exact", position_group=4)
 
 
 @pytest.mark.parametrize("group", [1, 3])
@@ -245,13 +250,7 @@ def test_compact_positions_match_oracle(
     rng = random.Random(300 + topk)
     ids = [rng.randrange(97) for _ in range(157)]
     pieces = _pieces(rng, len(ids))
-    session = engine.new_session()
-    outputs = []
-    pos = 0
-    for size in pieces:
-        outputs.append((pos + size - 1, session.append(ids[pos : pos + size]).logits))
-        pos += size
-    records = session.drain_retrievals()
+    outputs, records = _append_in_pieces(engine, ids, pieces)
     chunks = _exec_chunks(pieces, 19, 7)
     expected = dense_oracle_logits(
         reference, ids, n_local=24, n_init=3, block_size=6, records=records, chunks=chunks,

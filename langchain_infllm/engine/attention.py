@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from langchain_infllm.config import MemoryPositions
 from langchain_infllm.engine.block_cache import DeviceBlockCache, PendingFetch
 from langchain_infllm.engine.fused import additive_bias, attention_with_lse, merge
 from langchain_infllm.engine.memory import LayerMemory
@@ -73,7 +74,7 @@ class InfLLMForwardContext:
     direct_blocks: bool = False
     """Gather retrieved blocks straight from the layer's contiguous store where it has
     one (host == device), instead of copying them through the block cache."""
-    memory_positions: str = "fixed"
+    memory_positions: MemoryPositions = "fixed"
     """Where memory keys sit (`InfLLMConfig.memory_positions`): 'fixed' at distance
     `n_local` (the paper), 'exact' at their true distance capped at `memory_distance`,
     'compact' in their order, packed next to each other just behind the window."""

@@ -17,7 +17,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
-from langchain_infllm.config import ConfigError, InfLLMConfig
+from langchain_infllm.config import InfLLMConfig
 from langchain_infllm.engine import persistence
 from langchain_infllm.engine.architectures import check_supported, layer_shape
 from langchain_infllm.engine.attention import ATTENTION_NAME, infllm_attention_forward
@@ -67,12 +67,7 @@ def memory_distance(config: InfLLMConfig, model_config: Any) -> int:
     """
     if config.memory_positions != "exact":
         return 0
-    if config.max_memory_distance is not None:
-        if config.max_memory_distance < config.n_local:
-            raise ConfigError(
-                f"max_memory_distance ({config.max_memory_distance}) must be >= n_local "
-                f"({config.n_local}): memory keys lie beyond the local window"
-            )
+    if config.max_memory_distance is not None:  # checked against n_local by the config
         return config.max_memory_distance
     native = int(getattr(model_config, "max_position_embeddings", 0) or 0)
     return max(native - config.exc_block_size, config.n_local)
