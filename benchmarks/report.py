@@ -222,6 +222,9 @@ def build() -> str:
     lines += _table_run("agents_recall_layout_repo",
                         "The repository investigator with the new layout",
                         "benchmarks.agents_recall")
+    positions = RESULTS_DIR / "positions_notes.md"
+    if positions.exists():  # where memory keys sit: fixed, exact, compact
+        lines += [positions.read_text().strip(), ""]
     speed = RESULTS_DIR / "speed_notes.md"
     if speed.exists():
         lines += [speed.read_text().strip(), ""]

@@ -95,8 +95,9 @@ class InfLLMConfig(BaseModel):
         description="Where retrieved keys sit: 'fixed' puts every memory key at distance "
         "n_local (the paper); 'exact' gives them their true distance, capped at "
         "max_memory_distance, so the model still knows which of two facts came first "
-        "and what follows what; 'compact' keeps their order but packs the attended keys "
-        "next to each other just behind the window (distances stay small at any length).",
+        "and what follows what (blocks are then also ranked at those distances); "
+        "'compact' keeps their order but packs the attended keys next to each other just "
+        "behind the window (distances stay small at any length).",
     )
     max_memory_distance: int | None = Field(
         None,

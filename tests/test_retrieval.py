@@ -232,3 +232,47 @@ def test_fused_attention_equals_reference_path(dtype: torch.dtype, arch: str) ->
     torch.testing.assert_close(fused_logits, ref_logits, atol=atol, rtol=rtol)
     if dtype == torch.float32:
         assert [r.head_block_ids for r in fused_recs] == [r.head_block_ids for r in ref_recs]
+
+
+@pytest.mark.parametrize("arch", ["llama", "llama31", "qwen2"])
+@pytest.mark.parametrize("seed", range(3))
+def test_exact_position_scores_equal_brute_force(arch: str, seed: int) -> None:
+    """`memory_positions: exact` ranks blocks at the distances it attends them at: against
+    loops that rotate each query and key with the model's own `apply_rotary_pos_emb` at
+    query i's distance to key j (its true one, or `distance` past the chunk start)."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from langchain_infllm.engine.attention import exact_scoring_inputs
+    from langchain_infllm.engine.rope import RotaryTable
+
+    rng = random.Random(200 + seed)
+    model, _ = tiny_pair(arch, seed=seed)
+    rotary = model.model.rotary_emb
+    kv_heads, heads, d, bs = 2, 4, 16, 8
+    shape = LayerShape(heads=heads, kv_heads=kv_heads, head_dim=d)
+    memory = _random_memory(seed, "maxkey", rng.randint(2, 9), shape)
+    n_init, c = rng.randint(0, 5), rng.randint(1, 6)
+    n_keys = memory.n_blocks * bs
+    start = n_init + n_keys + rng.randint(0, 12)
+    distance = rng.randint(4, start + 2)
+    rope = RotaryTable(rotary, start + c + 4, d, torch.device("cpu"))
+    q = torch.randn(heads, c, d, generator=torch.Generator().manual_seed(seed))
+    keys = memory.index_keys
+    assert keys is not None
+    q_rot, k_rot = exact_scoring_inputs(rope, distance, n_init, q, keys, start)
+    got = score_blocks("maxkey", chunk_queries(q_rot, "maxkey", 1), reprs=memory.reprs,
+                       index_keys=k_rot, kv_heads=kv_heads, block_size=bs)
+    want = torch.full((kv_heads, memory.n_blocks), -float("inf"))
+    for g in range(kv_heads):
+        for j in range(n_keys):
+            virtual = max(n_init + j, start - distance)
+            for h in range(g * heads // kv_heads, (g + 1) * heads // kv_heads):
+                for t in range(c):
+                    gap = torch.tensor([[start + t - virtual]])
+                    cos, sin = rotary(q, gap)
+                    scale = rotary(q, torch.zeros_like(gap))[0][0, 0, 0]
+                    qi = q[h, t][None, None, None]
+                    q_at, _ = apply_rotary_pos_emb(qi, qi, cos / scale, sin / scale)
+                    dot = float(q_at.flatten() @ keys[g, j])
+                    want[g, j // bs] = max(float(want[g, j // bs]), dot)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)

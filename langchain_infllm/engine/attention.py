@@ -169,11 +169,17 @@ def attend_chunk(
     direct: tuple[torch.Tensor, torch.Tensor] | None = None
     direct_ids: torch.Tensor | None = None
     if ctx.topk > 0 and memory.n_blocks > 0:
+        q_score, index_keys = q_mem, memory.index_keys
+        if ctx.memory_positions == "exact" and index_keys is not None:
+            # Exact positions: rank the blocks at the distances they will be attended at.
+            q_score, index_keys = exact_scoring_inputs(
+                ctx.rope, ctx.memory_distance, memory.n_init, q, index_keys, start
+            )
         scores = score_blocks(
             memory.retrieval,
-            chunk_queries(q_mem, memory.retrieval, ctx.query_group),
+            chunk_queries(q_score, memory.retrieval, ctx.query_group),
             reprs=memory.reprs,
-            index_keys=memory.index_keys,
+            index_keys=index_keys,
             kv_heads=kv_heads,
             block_size=memory.block_size,
             neighbours=ctx.neighbours,
@@ -266,6 +272,25 @@ def attend_chunk(
         out = _reference_chunk(ctx, memory, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v)
     memory.seal(end - n_local + 1, ctx.next_uid)
     return out.reshape(heads, c, d).to(out_dtype)
+
+
+def exact_scoring_inputs(
+    rope: RotaryTable,
+    distance: int,
+    n_init: int,
+    q: torch.Tensor,
+    index_keys: torch.Tensor,
+    start: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chunk's queries `q [heads, c, d]` (first at `start`) and the sealed keys
+    `index_keys [kv_heads, n, d]` rotated as `memory_positions: exact` attends them: each
+    key at its true position, or `distance` behind the chunk's first query when farther.
+    Ranking blocks at the distances they are attended at, not at the paper's fixed
+    `n_local`, keeps the choice consistent with the attention that follows."""
+    base = max(0, start - distance)
+    true = torch.arange(index_keys.shape[1], device=q.device) + n_init
+    keys = rope.rotate_at(index_keys, (true.clamp_min(base) - base)[None])
+    return rope.rotate(q, start - base), keys
 
 
 def _grouped_positions(n: int, group: int, device: torch.device) -> torch.Tensor:
