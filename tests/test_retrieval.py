@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
+from langchain_infllm.engine.attention import exact_scoring_inputs
 from langchain_infllm.engine.memory import LayerMemory, LayerShape
 from langchain_infllm.engine.retrieval import (
     RETRIEVAL_METHODS,
@@ -18,6 +20,7 @@ from langchain_infllm.engine.retrieval import (
     score_blocks,
     select_blocks,
 )
+from langchain_infllm.engine.rope import RotaryTable
 from tests.dense_oracle import dense_oracle_logits
 from tests.test_engine_oracles import ATOL, _exec_chunks, _pieces
 from tests.tiny_models import tiny_pair
@@ -240,11 +243,6 @@ def test_exact_position_scores_equal_brute_force(arch: str, seed: int) -> None:
     """`memory_positions: exact` ranks blocks at the distances it attends them at: against
     loops that rotate each query and key with the model's own `apply_rotary_pos_emb` at
     query i's distance to key j (its true one, or `distance` past the chunk start)."""
-    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-    from langchain_infllm.engine.attention import exact_scoring_inputs
-    from langchain_infllm.engine.rope import RotaryTable
-
     rng = random.Random(200 + seed)
     model, _ = tiny_pair(arch, seed=seed)
     rotary = model.model.rotary_emb
@@ -263,6 +261,7 @@ def test_exact_position_scores_equal_brute_force(arch: str, seed: int) -> None:
     got = score_blocks("maxkey", chunk_queries(q_rot, "maxkey", 1), reprs=memory.reprs,
                        index_keys=k_rot, kv_heads=kv_heads, block_size=bs)
     want = torch.full((kv_heads, memory.n_blocks), -float("inf"))
+    scale = rotary(q, torch.zeros(1, 1, dtype=torch.long))[0][0, 0, 0]
     for g in range(kv_heads):
         for j in range(n_keys):
             virtual = max(n_init + j, start - distance)
@@ -270,7 +269,6 @@ def test_exact_position_scores_equal_brute_force(arch: str, seed: int) -> None:
                 for t in range(c):
                     gap = torch.tensor([[start + t - virtual]])
                     cos, sin = rotary(q, gap)
-                    scale = rotary(q, torch.zeros_like(gap))[0][0, 0, 0]
                     qi = q[h, t][None, None, None]
                     q_at, _ = apply_rotary_pos_emb(qi, qi, cos / scale, sin / scale)
                     dot = float(q_at.flatten() @ keys[g, j])
