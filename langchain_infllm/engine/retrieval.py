@@ -29,7 +29,6 @@ import torch
 from langchain_infllm.config import RetrievalMethod
 
 RETRIEVAL_METHODS: tuple[RetrievalMethod, ...] = get_args(RetrievalMethod)
-_HALF = (torch.bfloat16, torch.float16)
 
 
 @dataclass(frozen=True)
@@ -100,21 +99,13 @@ def score_blocks(
         # Head h = g * groups + j, so the heads of KV head g and their m queries are one row.
         q = queries.to(index_keys.device, index_keys.dtype)
         q = q.reshape(kv_heads, heads // kv_heads * m, d)
-        # q @ keys^T through matmul on the transposed view: no copy of the index (a view
-        # of a larger buffer) and 6x faster on CPU than bmm(keys, q^T), which runs a
-        # GEMM with an output only g*m wide. Except in half precision on CPU with a few
-        # queries (a decode step): there q @ keys^T copies the index first and
-        # keys @ q^T is 3-4x faster (measured at 3K-16K keys, 3 KV heads).
-        if index_keys.device.type == "cpu" and index_keys.dtype in _HALF and q.shape[1] <= 8:
-            dots = torch.matmul(index_keys, q.mT).mT  # [kvh, g*m, tokens], a view
-        else:
-            dots = torch.matmul(q, index_keys.mT)  # [kvh, g*m, tokens]
-        if method == "maxmass":
-            dots = dots.to(torch.float32)
-            dots = dots - dots.logsumexp(dim=2, keepdim=True)
-        # A max is exact in any dtype: cast only the [kvh, n_blocks] result.
-        scores = dots.amax(dim=1).view(kv_heads, n_blocks, block_size).amax(dim=2)
-        scores = scores.to(torch.float32)
+        # One 2-D GEMM per KV head: the index is a view of a larger buffer (it grows in
+        # place), and a batched matmul copies all of it to make it contiguous first
+        # (measured on CPU: the copy cost more than the product, at every decode step
+        # and layer); each head's slice is contiguous and `mm` reads it in place.
+        rows = [_head_scores(method, q[g], index_keys[g], n_blocks, block_size)
+                for g in range(kv_heads)]
+        scores = torch.stack(rows).to(torch.float32)
     else:
         raise ValueError(
             f"unknown retrieval method {method!r}; expected one of {RETRIEVAL_METHODS}"
@@ -124,6 +115,19 @@ def score_blocks(
             scores[:, None], 2 * neighbours + 1, stride=1, padding=neighbours
         )[:, 0]
     return scores
+
+
+def _head_scores(
+    method: RetrievalMethod, q: torch.Tensor, keys: torch.Tensor, n_blocks: int, block_size: int
+) -> torch.Tensor:
+    """One KV head's block scores `[n_blocks]` from its queries `q [r, d]` and sealed keys
+    `keys [n_blocks * block_size, d]`."""
+    dots = torch.mm(q, keys.T)  # [r, tokens]
+    if method == "maxmass":
+        dots = dots.to(torch.float32)
+        dots = dots - dots.logsumexp(dim=1, keepdim=True)
+    # A max is exact in any dtype: the caller casts only the [n_blocks] result.
+    return dots.amax(dim=0).view(n_blocks, block_size).amax(dim=1)
 
 
 def top_block_ids(scores: torch.Tensor, topk: int) -> torch.Tensor:
