@@ -76,8 +76,8 @@ class InfLLMConfig(BaseModel):
     )
     fused_attention: bool = Field(
         True,
-        description="Fused kernels merged by log-sum-exp where the retrieval method needs "
-        "no attention mass (false: the fp32 reference path everywhere).",
+        description="Fused kernels merged by log-sum-exp, the paper's attention mass "
+        "recomputed from the log-sum-exp (false: the fp32 reference path everywhere).",
     )
     fast_decode: bool = Field(
         True,

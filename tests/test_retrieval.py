@@ -12,6 +12,7 @@ import torch
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from langchain_infllm import InfLLMConfig, InfLLMEngine
+from langchain_infllm.config import RetrievalMethod
 from langchain_infllm.engine.attention import exact_scoring_inputs
 from langchain_infllm.engine.memory import LayerMemory, LayerShape
 from langchain_infllm.engine.retrieval import (
@@ -203,18 +204,25 @@ def test_per_head_cache_holds_slices_within_the_block_budget(method: str) -> Non
     assert all(len(cache) == 0 for cache in engine.caches)
 
 
+@pytest.mark.parametrize("retrieval", ["maxkey", "infllm"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_fused_attention_equals_reference_path(dtype: torch.dtype, arch: str) -> None:
+def test_fused_attention_equals_reference_path(
+    dtype: torch.dtype, arch: str, retrieval: RetrievalMethod
+) -> None:
     """Same logits (fp32: 1e-4; bf16: 0.05 abs + 5% rel) and the same blocks selected,
-    on odd lengths with sinks, blocks and a remainder in play."""
+    on odd lengths with sinks, blocks and a remainder in play. For the paper's scoring
+    also the attention mass every key received while local (fp32: 1e-5 relative to the
+    largest; bf16: 2%), which the fused path recomputes from the log-sum-exp, and so
+    the same representative keys."""
     atol, rtol = (ATOL, 0.0) if dtype == torch.float32 else (0.05, 0.05)
     outputs = {}
+    masses = {}
     for fused in (True, False):
         model, _ = tiny_pair(arch, seed=11, dtype=dtype)
         config = InfLLMConfig(n_local=24, block_size=6, n_init=3, topk=2, max_cached_block=4,
                               exc_block_size=7, chunk_size=19, trace="full",
-                              retrieval="maxkey", fused_attention=fused)
+                              retrieval=retrieval, fused_attention=fused)
         session = InfLLMEngine(model, None, config).new_session()
         rng = random.Random(12)
         ids = [rng.randrange(97) for _ in range(143)]
@@ -231,10 +239,21 @@ def test_fused_attention_equals_reference_path(dtype: torch.dtype, arch: str) ->
             assert out is not None
             logits.append(out)
         outputs[fused] = (torch.stack(logits), session.drain_retrievals())
+        masses[fused] = [(torch.cat([*layer.block_scores, layer.tail_score], dim=1),
+                          layer.reprs.clone()) for layer in session.layers]
     (fused_logits, fused_recs), (ref_logits, ref_recs) = outputs[True], outputs[False]
     torch.testing.assert_close(fused_logits, ref_logits, atol=atol, rtol=rtol)
     if dtype == torch.float32:
         assert [r.head_block_ids for r in fused_recs] == [r.head_block_ids for r in ref_recs]
+        assert [r.block_ids for r in fused_recs] == [r.block_ids for r in ref_recs]
+    if retrieval == "infllm":
+        mass_tol = 1e-5 if dtype == torch.float32 else 2e-2
+        for (mass, reprs), (ref_mass, ref_reprs) in zip(masses[True], masses[False], strict=True):
+            assert float(ref_mass.sum()) > 0
+            torch.testing.assert_close(mass, ref_mass, rtol=0.0,
+                                       atol=mass_tol * float(ref_mass.abs().max()))
+            if dtype == torch.float32:
+                torch.testing.assert_close(reprs, ref_reprs, atol=ATOL, rtol=0.0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "llama31", "qwen2"])

@@ -25,7 +25,12 @@ from torch import nn
 
 from langchain_infllm.config import MemoryPositions
 from langchain_infllm.engine.block_cache import DeviceBlockCache, PendingFetch
-from langchain_infllm.engine.fused import additive_bias, attention_with_lse, merge
+from langchain_infllm.engine.fused import (
+    additive_bias,
+    attention_with_lse,
+    local_mass,
+    merge,
+)
 from langchain_infllm.engine.memory import LayerMemory
 from langchain_infllm.engine.records import RetrievalRecord
 from langchain_infllm.engine.retrieval import (
@@ -259,14 +264,16 @@ def attend_chunk(
         q_far = ctx.rope.rotate(q, start - base).reshape(kv_heads, groups * c, d)
     else:
         q_far = q_mem.reshape(kv_heads, groups * c, d)
-    if ctx.fused and not needs_attention_mass(memory.retrieval):
+    if ctx.fused:
         # Local keys and queries rotated against one base; only their distance matters.
         if ctx.fast_decode:
             k_loc, base = memory.rotated_window(ctx.rope, start, local_lo, end)
         else:
             k_loc, base = ctx.rope.rotate(loc_k, 0), local_lo
         q_loc = ctx.rope.rotate(q, start - base).reshape(kv_heads, groups * c, d)
-        out = _fused_chunk(ctx, layout, q_loc, q_far, k_loc, loc_v, mem_k, mem_v, groups)
+        keeps_mass = memory if needs_attention_mass(memory.retrieval) else None
+        out = _fused_chunk(ctx, layout, q_loc, q_far, k_loc, loc_v, mem_k, mem_v, groups,
+                           keeps_mass)
     else:
         q_loc = ctx.rope.rotate(q, start - local_lo).reshape(kv_heads, groups * c, d)
         out = _reference_chunk(ctx, memory, layout, q_loc, q_far, loc_k, loc_v, mem_k, mem_v)
@@ -374,17 +381,25 @@ def _fused_chunk(
     mem_k: torch.Tensor,
     mem_v: torch.Tensor,
     groups: int,
+    keeps_mass: LayerMemory | None,
 ) -> torch.Tensor:
     """Local and memory parts as two fused kernels in the model's dtype, merged by LSE.
 
-    `k_loc` is already rotated against the same base as `q_loc`."""
+    `k_loc` is already rotated against the same base as `q_loc`. With `keeps_mass` (the
+    paper's representatives) the attention mass of each local key is added to that
+    memory's tail scores, recomputed from the merged LSE (`fused.local_mass`)."""
     dtype = k_loc.dtype
     masks = _fused_masks(ctx, layout, mem_k.shape[1], groups, dtype, q_loc.device)
-    local = attention_with_lse(q_loc.to(dtype), k_loc, loc_v, masks.local)
-    if mem_k.shape[1] == 0:
-        return merge(local, None, None)
-    far = attention_with_lse(q_mem.to(dtype), mem_k, mem_v, masks.memory)
-    return merge(local, far, masks.memory_rows_empty)
+    q_loc = q_loc.to(dtype)
+    local = attention_with_lse(q_loc, k_loc, loc_v, masks.local)
+    far = None
+    if mem_k.shape[1]:
+        far = attention_with_lse(q_mem.to(dtype), mem_k, mem_v, masks.memory)
+    out, lse = merge(local, far, masks.memory_rows_empty)
+    if keeps_mass is not None:
+        local_lo = layout[2]
+        keeps_mass.add_tail_scores(local_lo, local_mass(q_loc, k_loc, masks.local, lse, groups))
+    return out
 
 
 @dataclass(frozen=True)

@@ -4,9 +4,10 @@ Softmax over the union of two key sets equals the two partial softmaxes reweight
 their log-sum-exps, so neither the logits nor the probabilities of the whole chunk are
 ever materialised. On CPU this runs PyTorch's flash kernel
 (`_scaled_dot_product_flash_attention_for_cpu`, which returns the log-sum-exp) in the
-model's dtype; elsewhere a plain fp32 computation with the same contract. This path
-keeps no attention mass, so it serves the retrieval methods that do not need it (the
-paper's representatives do; they keep the reference path in `attention.py`).
+model's dtype; elsewhere a plain fp32 computation with the same contract. The paper's
+representative keys need the attention mass each local key received: `local_mass`
+recomputes it from the merged log-sum-exp, tile by tile, so the probabilities of the
+whole chunk are never held either.
 """
 
 from __future__ import annotations
@@ -42,21 +43,49 @@ def merge(
     local: tuple[torch.Tensor, torch.Tensor],
     memory: tuple[torch.Tensor, torch.Tensor] | None,
     memory_rows_empty: torch.Tensor | None,
-) -> torch.Tensor:
-    """Combine the two partial attentions into the softmax over both key sets (fp32).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine the two partial attentions into the softmax over both key sets: the output
+    (fp32) and the log-sum-exp over both `[B, L]`.
 
     `memory_rows_empty [L]` marks queries that see no memory key at all.
     """
     out_l, lse_l = local
     if memory is None:
-        return out_l.float()
+        return out_l.float(), lse_l
     out_m, lse_m = memory
     if memory_rows_empty is not None:
         lse_m = lse_m.masked_fill(memory_rows_empty, NEG_INF)
     lse = torch.logaddexp(lse_l, lse_m)
     w_l = torch.exp(lse_l - lse)[..., None]
     w_m = torch.exp(lse_m - lse)[..., None]
-    return out_l.float() * w_l + out_m.float() * w_m
+    return out_l.float() * w_l + out_m.float() * w_m, lse
+
+
+MASS_TILE_ROWS = 1024
+"""Query rows per tile of `local_mass`: bounds its fp32 scratch to rows x local keys."""
+
+
+def local_mass(
+    q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor, lse: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """Attention mass each local key received from the chunk: `[B * groups, S]`.
+
+    `q [B, groups * c, d]` (scaled, in the dtype the kernel saw), `k [B, S, d]`, additive
+    `bias [groups * c, S]` and the merged `lse [B, groups * c]`: each probability is
+    `exp(q.k + bias - lse)`, recomputed in fp32 for a tile of rows at a time and summed
+    over the chunk's queries of each query head (row `j * c + i` is query i of head j).
+    """
+    b, rows, _ = q.shape
+    c = rows // groups
+    mass = torch.zeros(b, groups, k.shape[1], dtype=torch.float32, device=q.device)
+    k32 = k.float().transpose(1, 2)
+    finite_lse = lse.clamp_min(torch.finfo(torch.float32).min)  # rows that see nothing
+    for j in range(groups):  # one query head of each KV head at a time
+        for a in range(j * c, (j + 1) * c, MASS_TILE_ROWS):
+            e = min((j + 1) * c, a + MASS_TILE_ROWS)
+            logits = torch.baddbmm(bias[a:e].float(), q[:, a:e].float(), k32)
+            mass[:, j] += torch.exp(logits - finite_lse[:, a:e, None]).sum(dim=1)
+    return mass.reshape(b * groups, -1)
 
 
 def additive_bias(visible: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
