@@ -53,7 +53,7 @@ from benchmarks.common import (
 )
 
 FORCED_PREFIX = "The answer is"
-RETRIEVAL_METHODS = ("infllm", "maxkey", "maxmass")
+RETRIEVAL_METHODS = ("infllm", "maxkey", "maxmass", "maxshare")
 CONTROL_METHODS = ("sinks_window", "full", "truncate")
 
 

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 TraceLevel = Literal["off", "summary", "full"]
 CacheStrategy = Literal["lru", "lru-s"]
-RetrievalMethod = Literal["infllm", "maxkey", "maxmass"]
+RetrievalMethod = Literal["infllm", "maxkey", "maxmass", "maxshare"]
 """Block scoring; `langchain_infllm.engine.retrieval` says what each does."""
 MemoryPositions = Literal["fixed", "exact", "compact"]
 
@@ -59,7 +59,9 @@ class InfLLMConfig(BaseModel):
         "maxkey",
         description="Block scoring: 'maxkey' (a block's best key against the query, a "
         "block set per KV head; the default), 'maxmass' (the same on per-head log "
-        "attention mass) or 'infllm' (the paper's representatives, one set per layer).",
+        "attention mass), 'maxshare' (the same on each query's log share of the block "
+        "maxima, so filler that recurs in every block does not tie with a fact) or "
+        "'infllm' (the paper's representatives, one set per layer).",
     )
     query_group: int = Field(
         16,

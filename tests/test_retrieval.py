@@ -60,7 +60,11 @@ def _brute_force(method: str, memory: LayerMemory, mean_q: torch.Tensor) -> torc
             for h in heads:
                 every = [float(mean_q[h] @ memory.block_k[c][g][t])
                          for c in range(memory.n_blocks) for t in range(keys.shape[0])]
-                norm = torch.tensor(every).logsumexp(0).item() if method == "maxmass" else 0.0
+                block_best = [max(every[c * keys.shape[0]:(c + 1) * keys.shape[0]])
+                              for c in range(memory.n_blocks)]
+                norm = {"maxmass": torch.tensor(every).logsumexp(0).item(),
+                        "maxshare": torch.tensor(block_best).logsumexp(0).item()
+                        }.get(method, 0.0)
                 best = max(best, max(float(mean_q[h] @ k) - norm for k in keys))
             row.append(best)
         rows.append(row)

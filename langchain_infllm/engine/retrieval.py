@@ -1,6 +1,6 @@
 """Which memory blocks a chunk of queries attends: block scoring and top-k selection.
 
-Two methods, chosen by `InfLLMConfig.retrieval`:
+The methods, chosen by `InfLLMConfig.retrieval`:
 
 * ``infllm`` (the paper, arXiv 2402.04617): each block keeps one representative key per
   query head (the mean of the `repr_topk` keys that drew the most attention while they
@@ -15,6 +15,15 @@ Two methods, chosen by `InfLLMConfig.retrieval`:
   best key matches, which is what full attention would attend. It reads every sealed key
   once per chunk (the QK work of one query against the whole history, without softmax or
   values), from an index of sealed keys kept beside the representatives.
+* ``maxmass``: ``maxkey`` on each query's log attention mass over every sealed key.
+* ``maxshare``: ``maxkey`` with each query's block maxima turned into log shares
+  (log-softmax over the blocks) before the max over the group's queries. A query whose
+  best key type recurs in every block (a period, "The", a header in repetitive text)
+  spreads its share over all of them, while a query that singles out one block keeps
+  nearly all of it, so the block that only one query head looks for is not tied with a
+  thousand copies of filler (a pass key in 7.9K tokens of repeated sentences on
+  SmolLM2: ``maxkey`` answered filler where ``maxshare`` and full attention found it).
+  The softmax runs over `[rows, n_blocks]`, not over every key as ``maxmass`` does.
 
 The scores are for ranking only; the attention itself is unchanged.
 """
@@ -91,7 +100,7 @@ def score_blocks(
     if method == "infllm":
         q = queries.mean(dim=1).to(reprs.device, torch.float32)
         scores = torch.einsum("nhd,hd->n", reprs.to(torch.float32), q)[None]
-    elif method in ("maxkey", "maxmass"):
+    elif method in ("maxkey", "maxmass", "maxshare"):
         if index_keys is None:
             raise ValueError(f"{method} retrieval needs the index of sealed keys")
         heads, m, d = queries.shape
@@ -126,6 +135,9 @@ def _head_scores(
     if method == "maxmass":
         dots = dots.to(torch.float32)
         dots = dots - dots.logsumexp(dim=1, keepdim=True)
+    if method == "maxshare":
+        best = dots.view(-1, n_blocks, block_size).amax(dim=2).to(torch.float32)
+        return (best - best.logsumexp(dim=1, keepdim=True)).amax(dim=0)
     # A max is exact in any dtype: the caller casts only the [n_blocks] result.
     return dots.amax(dim=0).view(n_blocks, block_size).amax(dim=1)
 
@@ -163,7 +175,7 @@ def selection_of(scores: torch.Tensor, indices: torch.Tensor, values: torch.Tens
 
 def needs_key_index(method: RetrievalMethod) -> bool:
     """Whether the method scores against every sealed key (so the memory keeps an index)."""
-    return method in ("maxkey", "maxmass")
+    return method in ("maxkey", "maxmass", "maxshare")
 
 
 def needs_attention_mass(method: RetrievalMethod) -> bool:
