@@ -86,6 +86,13 @@ class InfLLMConfig(BaseModel):
         description="Keep the local window's keys rotated between seals, so a decoded "
         "token rotates only its own key (false: rotate the whole window every chunk).",
     )
+    last_token_alone: bool = Field(
+        True,
+        description="Run the last token of an append as its own execution chunk, so the "
+        "position whose logits pick the next token retrieves with its own query, as a "
+        "decoded token does, not with the query means of its whole chunk (false: the "
+        "paper's chunking).",
+    )
     direct_blocks: bool = Field(
         False,
         description="Where host memory is the compute device (CPU), attend retrieved "

@@ -23,12 +23,17 @@ def _pieces(rng: random.Random, total: int, low: int = 1, high: int = 23) -> lis
     return sizes
 
 
-def _exec_chunks(pieces: list[int], chunk_size: int, exc: int) -> list[tuple[int, int]]:
-    """Execution chunks the engine should use for this append pattern."""
+def _exec_chunks(pieces: list[int], chunk_size: int, exc: int, last_alone: bool = True
+                 ) -> list[tuple[int, int]]:
+    """Execution chunks the engine should use for this append pattern: model calls of
+    `chunk_size` tokens, with `last_alone` (`last_token_alone`, with retrieval on) the
+    last token of each append a call of its own, and `exc` queries per chunk of a call."""
     chunks, pos = [], 0
     for size in pieces:
-        for a in range(0, size, chunk_size):
-            call = min(chunk_size, size - a)
+        calls = [min(chunk_size, size - a) for a in range(0, size, chunk_size)]
+        if last_alone and calls[-1] > 1:
+            calls[-1:] = [calls[-1] - 1, 1]
+        for call in calls:
             for b in range(0, call, exc):
                 chunks.append((pos + b, pos + min(call, b + exc)))
             pos += call
@@ -97,8 +102,9 @@ def test_long_context_matches_dense_oracle_with_all_blocks(
 
 @pytest.mark.parametrize(
     ("retrieval", "options"),
-    [*((m, {}) for m in RETRIEVAL_METHODS), ("maxkey", {"query_group": 2, "neighbours": 1})],
-    ids=[*RETRIEVAL_METHODS, "maxkey-groups-neighbours"],
+    [*((m, {}) for m in RETRIEVAL_METHODS), ("maxkey", {"query_group": 2, "neighbours": 1}),
+     ("infllm", {"last_token_alone": False})],
+    ids=[*RETRIEVAL_METHODS, "maxkey-groups-neighbours", "infllm-paper-chunking"],
 )
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama31"])
 @pytest.mark.parametrize("topk", [0, 1, 3])
@@ -129,7 +135,7 @@ def test_long_context_matches_oracle_restricted_to_selection(
             assert topk == 1 or any(len(set(heads)) > 1 for heads in per_head)
     expected = dense_oracle_logits(
         reference, ids, n_local=24, n_init=3, block_size=6, records=records,
-        chunks=_exec_chunks(pieces, 19, 7),
+        chunks=_exec_chunks(pieces, 19, 7, last_alone=topk > 0 and config.last_token_alone),
     )
     for position, logits in outputs:
         torch.testing.assert_close(logits, expected[position], atol=ATOL, rtol=0)

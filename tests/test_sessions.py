@@ -1516,8 +1516,9 @@ def test_oom_once_retries_with_smaller_execution_chunks(
     counter = counter_factory(engine)
     new = rand_ids(rng, 30)
     out = session.append(new)
-    assert counter.exc_sizes == [8, 4], "one failed try, then half-size execution chunks"
-    assert counter.calls == [30, 30]
+    # The last token runs as a call of its own (`last_token_alone`), at the full size.
+    assert counter.exc_sizes == [8, 4, 8], "one failed try, then half-size execution chunks"
+    assert counter.calls == [29, 29, 1]
     assert out.computed_tokens == 30
     assert session.token_ids == history + new
     assert_consistent(session)

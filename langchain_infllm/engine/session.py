@@ -163,11 +163,11 @@ class Session:
             began = time.perf_counter()
             counters_before = self._cache_counters()
             records: list[RetrievalRecord] = []
-            chunk = self.engine.config.chunk_size
-            if len(ids) <= chunk:
-                self._forward_with_retry(ids, records)  # one model call: atomic by itself
+            calls = self._model_calls(ids)
+            if len(calls) == 1:
+                self._forward_with_retry(calls[0], records)  # one model call: atomic by itself
             else:
-                self._forward_calls(ids, chunk, records)
+                self._forward_calls(calls, records)
             hits, misses, copied = (
                 now - then
                 for now, then in zip(self._cache_counters(), counters_before, strict=True)
@@ -462,7 +462,19 @@ class Session:
                 f"the session still holds its {len(self._tokens)} earlier tokens"
             ) from exc.last_attempt.exception()
 
-    def _forward_calls(self, ids: list[int], chunk: int, records: list[RetrievalRecord]) -> None:
+    def _model_calls(self, ids: list[int]) -> list[list[int]]:
+        """The model calls of one append: `chunk_size` tokens each, and with
+        `last_token_alone` the last token on its own. A prompt's last token produces the
+        logits of the answer's first token; inside a chunk it would retrieve with means
+        over the chunk's queries (mostly the text before it: in a pass-key prompt, filler)
+        and miss the block a decode step with its own query finds."""
+        config = self.engine.config
+        calls = [ids[a : a + config.chunk_size] for a in range(0, len(ids), config.chunk_size)]
+        if config.last_token_alone and config.topk > 0 and len(calls[-1]) > 1:
+            calls[-1:] = [calls[-1][:-1], calls[-1][-1:]]
+        return calls
+
+    def _forward_calls(self, calls: list[list[int]], records: list[RetrievalRecord]) -> None:
         """Several model calls as one mutation: if any fails, the calls that completed are
         rolled back too, so the session holds exactly what it held before the append."""
         engine = self.engine
@@ -471,8 +483,8 @@ class Session:
             checkpoints = [layer.checkpoint(start, engine.config.n_local) for layer in self._layers]
             cache_scores = [cache.score_state() for cache in engine.caches]
         try:
-            for a in range(0, len(ids), chunk):
-                self._forward_with_retry(ids[a : a + chunk], records)
+            for call in calls:
+                self._forward_with_retry(call, records)
         except BaseException:
             with engine.model_lock:
                 dropped = [
