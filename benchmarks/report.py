@@ -225,6 +225,16 @@ def build() -> str:
     positions = RESULTS_DIR / "positions_notes.md"
     if positions.exists():  # where memory keys sit: fixed, exact, compact
         lines += [positions.read_text().strip(), ""]
+    last_token = RESULTS_DIR / "last_token_notes.md"
+    if last_token.exists():  # the answer's first token, repeated filler (2026-12-04)
+        lines += [last_token.read_text().strip(), ""]
+    lines += _table_run("recall-maxshare-passkey8k",
+                        "Pass key in the native window: maxkey, maxshare and the controls",
+                        "benchmarks.recall")
+    for agent in ("document_reader", "repo_investigator"):
+        lines += _table_run(f"recall-last-token-{agent}",
+                            f"Last token alone or in its chunk: {agent} replays",
+                            "benchmarks.recall")
     speed = RESULTS_DIR / "speed_notes.md"
     if speed.exists():
         lines += [speed.read_text().strip(), ""]
