@@ -51,9 +51,9 @@ from benchmarks.common import (
     write_csv,
     write_results,
 )
+from langchain_infllm.engine.retrieval import RETRIEVAL_METHODS
 
 FORCED_PREFIX = "The answer is"
-RETRIEVAL_METHODS = ("infllm", "maxkey", "maxmass", "maxshare")
 CONTROL_METHODS = ("sinks_window", "full", "truncate")
 
 

@@ -88,7 +88,7 @@ class InfLLMConfig(BaseModel):
     )
     last_token_alone: bool = Field(
         True,
-        description="Run the last token of an append as its own execution chunk, so the "
+        description="Run the last token of an append as a model call of its own, so the "
         "position whose logits pick the next token retrieves with its own query, as a "
         "decoded token does, not with the query means of its whole chunk (false: the "
         "paper's chunking).",

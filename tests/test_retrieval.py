@@ -60,11 +60,13 @@ def _brute_force(method: str, memory: LayerMemory, mean_q: torch.Tensor) -> torc
             for h in heads:
                 every = [float(mean_q[h] @ memory.block_k[c][g][t])
                          for c in range(memory.n_blocks) for t in range(keys.shape[0])]
-                block_best = [max(every[c * keys.shape[0]:(c + 1) * keys.shape[0]])
-                              for c in range(memory.n_blocks)]
-                norm = {"maxmass": torch.tensor(every).logsumexp(0).item(),
-                        "maxshare": torch.tensor(block_best).logsumexp(0).item()
-                        }.get(method, 0.0)
+                norm = 0.0
+                if method == "maxmass":  # log-softmax over every key
+                    norm = torch.tensor(every).logsumexp(0).item()
+                elif method == "maxshare":  # log-softmax over the blocks' best keys
+                    bs = keys.shape[0]
+                    norm = torch.tensor([max(every[c * bs:(c + 1) * bs])
+                                         for c in range(memory.n_blocks)]).logsumexp(0).item()
                 best = max(best, max(float(mean_q[h] @ k) - norm for k in keys))
             row.append(best)
         rows.append(row)

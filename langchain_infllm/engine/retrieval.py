@@ -21,9 +21,11 @@ The methods, chosen by `InfLLMConfig.retrieval`:
   best key type recurs in every block (a period, "The", a header in repetitive text)
   spreads its share over all of them, while a query that singles out one block keeps
   nearly all of it, so the block that only one query head looks for is not tied with a
-  thousand copies of filler (a pass key in 7.9K tokens of repeated sentences on
-  SmolLM2: ``maxkey`` answered filler where ``maxshare`` and full attention found it).
-  The softmax runs over `[rows, n_blocks]`, not over every key as ``maxmass`` does.
+  thousand copies of filler. Measured (benchmarks/RESULTS.md): it finds a pass key in
+  repeated sentences that ``maxkey`` lost when the prompt's last token retrieved inside
+  its chunk, but ties ``maxkey`` once that token runs alone (`last_token_alone`), so it
+  is an option, not the default. The softmax runs over `[rows, n_blocks]`, not over
+  every key as ``maxmass`` does.
 
 The scores are for ranking only; the attention itself is unchanged.
 """
@@ -100,7 +102,7 @@ def score_blocks(
     if method == "infllm":
         q = queries.mean(dim=1).to(reprs.device, torch.float32)
         scores = torch.einsum("nhd,hd->n", reprs.to(torch.float32), q)[None]
-    elif method in ("maxkey", "maxmass", "maxshare"):
+    elif needs_key_index(method):
         if index_keys is None:
             raise ValueError(f"{method} retrieval needs the index of sealed keys")
         heads, m, d = queries.shape
